@@ -1,0 +1,170 @@
+"""The geometry of U-Net: which input sizes work, what comes out, and where to crop.
+
+A U-Net of depth ``D`` applies, per spatial dimension and independently for height and width:
+
+* encoder level ``k`` (``k = 0 .. D-1``): two 3×3 convolutions (each takes 2 px when unpadded),
+  then a 2×2 max-pool, which must see an even size so that no row or column is dropped;
+* the bottleneck: two 3×3 convolutions;
+* decoder level ``k`` (``k = D-1 .. 0``): 2× up-sampling, a center crop of the encoder's skip to
+  the up-sampled size, then two 3×3 convolutions.
+
+An input size is *valid* when every pooled size is even, every size stays positive, and every
+up-sampled map fits inside its skip. The paper's network (all convolutions unpadded) maps
+572 → 388; the walkthrough's (unpadded encoder, padded decoder) maps 572 → 448.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Padding = Literal["valid", "same"]
+_PADDINGS = ("valid", "same")
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Spatial bookkeeping of a U-Net, one dimension at a time.
+
+  Attributes:
+    depth: number of 2×2 max-pools (the paper: 4).
+    encoder_padding: ``"valid"`` (each 3×3 conv takes 2 px) or ``"same"``.
+    decoder_padding: the same choice for the decoder's convolutions.
+  """
+
+  depth: int = 4
+  encoder_padding: Padding = "valid"
+  decoder_padding: Padding = "valid"
+
+  def __post_init__(self):
+    if not isinstance(self.depth, int) or self.depth < 1:
+      raise ValueError(f"depth must be a positive integer, got {self.depth!r}")
+    for name in ("encoder_padding", "decoder_padding"):
+      value = getattr(self, name)
+      if value not in _PADDINGS:
+        raise ValueError(f"{name} must be one of {_PADDINGS}, got {value!r}")
+
+  @property
+  def _encoder_shrink(self) -> int:
+    return 4 if self.encoder_padding == "valid" else 0
+
+  @property
+  def _decoder_shrink(self) -> int:
+    return 4 if self.decoder_padding == "valid" else 0
+
+  def trace(self, size: int) -> dict[str, list[int]] | None:
+    """Sizes through the network for one dimension, or ``None`` if ``size`` is not valid.
+
+    Returns a dict with ``skips`` (encoder outputs, top level first), ``bottleneck`` (one
+    item), ``ups`` (up-sampled sizes, deepest first) and ``decoder`` (decoder outputs, deepest
+    first; the last is the network's output size).
+    """
+    if not isinstance(size, int) or size < 1:
+      return None
+    skips, x = [], size
+    for _ in range(self.depth):
+      x -= self._encoder_shrink
+      if x < 2 or x % 2:
+        return None
+      skips.append(x)
+      x //= 2
+    x -= self._encoder_shrink
+    if x < 1:
+      return None
+    bottleneck, ups, decoder = [x], [], []
+    for skip in reversed(skips):
+      x *= 2
+      if x > skip:
+        return None
+      ups.append(x)
+      x -= self._decoder_shrink
+      if x < 1:
+        return None
+      decoder.append(x)
+    return {"skips": skips, "bottleneck": bottleneck, "ups": ups, "decoder": decoder}
+
+  def is_valid(self, size: int) -> bool:
+    """Whether ``size`` (one dimension) goes through the network without dropping pixels."""
+    return self.trace(size) is not None
+
+  def output_size(self, size: int) -> int:
+    """Output size for a valid input size (one dimension); raises ``ValueError`` otherwise."""
+    self.check(size)
+    return self.trace(size)["decoder"][-1]
+
+  def nearest_valid(self, size: int) -> tuple[int | None, int]:
+    """The largest valid size ≤ ``size`` (``None`` if there is none) and the smallest ≥ it."""
+    below = next((n for n in range(size, 0, -1) if self.is_valid(n)), None)
+    above = next(n for n in range(max(size, 1), 2**31) if self.is_valid(n))
+    return below, above
+
+  def valid_sizes(self, low: int, high: int) -> list[int]:
+    """All valid input sizes in ``[low, high]``."""
+    return [n for n in range(max(low, 1), high + 1) if self.is_valid(n)]
+
+  def min_input_size(self) -> int:
+    """The smallest valid input size."""
+    return self.nearest_valid(1)[1]
+
+  def input_size_for(self, output: int) -> int:
+    """The smallest valid input size whose output is at least ``output`` pixels."""
+    n = self.min_input_size()
+    step = 2**self.depth
+    while self.trace(n)["decoder"][-1] < output:
+      n += step
+    return n
+
+  def _nearest_text(self, size: int) -> str:
+    below, above = self.nearest_valid(size) if isinstance(size, int) and size > 0 else (
+        None, self.min_input_size())
+    return ", ".join(str(n) for n in (below, above) if n is not None)
+
+  def _describe(self) -> str:
+    return (f"a depth-{self.depth} U-Net with {self.encoder_padding!r} encoder and "
+            f"{self.decoder_padding!r} decoder convolutions")
+
+  def check(self, size: int, *, name: str = "input") -> None:
+    """Raise a ``ValueError`` naming the nearest valid sizes if ``size`` is not valid."""
+    if not self.is_valid(size):
+      raise ValueError(
+          f"{size} is not a valid {name} size for {self._describe()} (every 2×2 max-pool must "
+          f"see an even size and every size must stay positive); nearest valid sizes: "
+          f"{self._nearest_text(size)}")
+
+  def check_shape(self, height: int, width: int) -> tuple[int, int]:
+    """Validate an ``H×W`` input and return the output ``(H, W)``.
+
+    The error names the whole shape, e.g. ``573×573 is not a valid input: ... nearest valid
+    sizes 572, 588``.
+    """
+    problems = [f"{name} {size} (nearest valid sizes {self._nearest_text(size)})"
+                for name, size in (("height", height), ("width", width))
+                if not self.is_valid(size)]
+    if problems:
+      raise ValueError(
+          f"{height}×{width} is not a valid input for {self._describe()}: "
+          f"{'; '.join(problems)}. Every 2×2 max-pool must see an even size and every size "
+          f"must stay positive; pad or tile the image (see unet_jax.geometry).")
+    return self.output_size(height), self.output_size(width)
+
+
+def crop_offsets(source: int, target: int) -> tuple[int, int]:
+  """Pixels to remove before and after to center-crop ``source`` down to ``target``.
+
+  An odd difference puts the extra pixel after: ``crop_offsets(7, 4) == (1, 2)``.
+  """
+  if target > source:
+    raise ValueError(f"cannot crop {source} px down to {target} px: the target is larger")
+  before = (source - target) // 2
+  return before, source - target - before
+
+
+def center_crop(x, height: int, width: int):
+  """Center-crop the spatial axes ``[..., H, W, C]`` of ``x`` to ``height × width``.
+
+  Height and width are cropped independently, so non-square maps and odd size differences
+  are handled.
+  """
+  top, _ = crop_offsets(x.shape[-3], height)
+  left, _ = crop_offsets(x.shape[-2], width)
+  return x[..., top:top + height, left:left + width, :]
