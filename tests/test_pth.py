@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import subprocess
@@ -290,6 +289,30 @@ def test_storage_out_of_bounds_is_a_format_error(tmp_path):
             dst.writestr(info, data)
     with pytest.raises(CheckpointFormatError, match=r"oob\.pth.*data/0"):
         load_state_dict(bad)
+
+
+@pytest.mark.parametrize(
+    "offset, size, stride",
+    [(0, "I1000\n", "I1\n"), (3, "I2\n", "I1\n"), (0, "I2\n", "I-1\n"), (4, "", "")],
+    ids=["too-long", "offset-past-end", "negative-stride", "scalar-past-end"],
+)
+def test_tensor_view_outside_its_storage_is_a_format_error(tmp_path, offset, size, stride):
+    # a float storage of 4 elements, and a tensor record whose view would read past it
+    record = (
+        "}Vw\nctorch._utils\n_rebuild_tensor_v2\n((Vstorage\nctorch\nFloatStorage\nV0\nVcpu\nI4\ntQ"
+        f"I{offset}\n({size}t({stride}tI00\nccollections\nOrderedDict\n)RtRs."
+    ).encode()
+    path = tmp_path / "view.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("view/data.pkl", record)
+        z.writestr("view/data/0", np.arange(4, dtype="<f4").tobytes())
+    with pytest.raises(CheckpointFormatError, match=r"view\.pth.*(storage|layout)"):
+        load_state_dict(path)
+    # the same record with an in-bounds view loads
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("view/data.pkl", record.replace(f"I{offset}\n({size}t({stride}t".encode(), b"I1\n(I2\nt(I2\nt"))
+        z.writestr("view/data/0", np.arange(4, dtype="<f4").tobytes())
+    assert load_state_dict(path)["w"].tolist() == [1.0, 3.0]
 
 
 def test_legacy_format_asks_to_resave(tmp_path):

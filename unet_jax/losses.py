@@ -49,18 +49,18 @@ def weighted_cross_entropy(
     weights: jax.Array | None = None,
     ignore_index: int | None = None,
 ) -> jax.Array:
-  """Pixel-wise softmax cross-entropy, weighted by a per-pixel map (U-Net eq. 1).
+  r"""Pixel-wise softmax cross-entropy, weighted by a per-pixel map (U-Net eq. 1).
 
   .. math::
-    \\mathrm{ce}(x) = -\\log \\operatorname{softmax}(z(x))_{\\ell(x)}, \\qquad
-    L = \\frac{\\sum_x m(x)\\, w(x)\\, \\mathrm{ce}(x)}{\\sum_x m(x)\\, w(x)}
+    \mathrm{ce}(x) = -\log \operatorname{softmax}(z(x))_{\ell(x)}, \qquad
+    L = \frac{\sum_x m(x)\, w(x)\, \mathrm{ce}(x)}{\sum_x m(x)\, w(x)}
 
   summed over every pixel :math:`x` of every example, where :math:`w` is ``weights``
-  (1 if ``None``) and :math:`m(x) = [\\ell(x) \\ne \\text{ignore\\_index}]`. The paper's energy
-  is the weighted sum; dividing by :math:`\\sum w` makes the loss a weighted *mean*, so its
+  (1 if ``None``) and :math:`m(x) = [\ell(x) \ne \text{ignore\_index}]`. The paper's energy
+  is the weighted sum; dividing by :math:`\sum w` makes the loss a weighted *mean*, so its
   scale, and hence the learning rate, does not depend on image size or on the overall level of
   the weight map. With ``weights=None`` this is the plain mean over non-ignored pixels. If
-  :math:`\\sum m w = 0` (everything ignored or zero-weighted) the loss is 0, with zero gradient.
+  :math:`\sum m w = 0` (everything ignored or zero-weighted) the loss is 0, with zero gradient.
 
   Args:
     logits: ``[..., H, W, C]`` unnormalised class scores.
@@ -90,13 +90,13 @@ def dice_loss(
     smooth: float = 1.0,
     ignore_index: int | None = None,
 ) -> jax.Array:
-  """Soft Dice loss from softmax probabilities, averaged over classes and examples.
+  r"""Soft Dice loss from softmax probabilities, averaged over classes and examples.
 
-  For each example and each class :math:`c`, with :math:`p_c(x) = \\operatorname{softmax}(z(x))_c`,
-  :math:`t_c(x) = [\\ell(x) = c]` and sums over the example's non-ignored pixels,
+  For each example and each class :math:`c`, with :math:`p_c(x) = \operatorname{softmax}(z(x))_c`,
+  :math:`t_c(x) = [\ell(x) = c]` and sums over the example's non-ignored pixels,
 
   .. math::
-    D_c = 1 - \\frac{2 \\sum_x p_c(x)\\, t_c(x) + s}{\\sum_x p_c(x) + \\sum_x t_c(x) + s}
+    D_c = 1 - \frac{2 \sum_x p_c(x)\, t_c(x) + s}{\sum_x p_c(x) + \sum_x t_c(x) + s}
 
   and the loss is the mean of :math:`D_c` over the ``C`` classes and the leading ``...``
   dimensions. The smoothing :math:`s` keeps the ratio defined for a class that is absent from
@@ -144,10 +144,10 @@ def dice_ce_loss(
     dice_weight: float = 1.0,
     smooth: float = 1.0,
 ) -> jax.Array:
-  """Weighted cross-entropy plus soft Dice.
+  r"""Weighted cross-entropy plus soft Dice.
 
   .. math::
-    L = \\lambda_{ce}\\, L_{ce}(z, \\ell; w) + \\lambda_{dice}\\, L_{dice}(z, \\ell)
+    L = \lambda_{ce}\, L_{ce}(z, \ell; w) + \lambda_{dice}\, L_{dice}(z, \ell)
 
   with :math:`L_{ce}` from :func:`weighted_cross_entropy` and :math:`L_{dice}` from
   :func:`dice_loss`. The pixel weights ``weights`` apply to the cross-entropy only: Dice is
@@ -158,8 +158,8 @@ def dice_ce_loss(
     labels: ``[..., H, W]`` integer class ids in ``[0, C)``.
     weights: optional ``[..., H, W]`` per-pixel weights for the cross-entropy term.
     ignore_index: label value left out of both terms.
-    ce_weight: :math:`\\lambda_{ce}`.
-    dice_weight: :math:`\\lambda_{dice}`.
+    ce_weight: :math:`\lambda_{ce}`.
+    dice_weight: :math:`\lambda_{dice}`.
     smooth: Dice smoothing term.
 
   Returns:

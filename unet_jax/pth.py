@@ -13,7 +13,7 @@ import io
 import os
 import pickle
 import struct
-import tempfile
+import uuid
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -77,7 +77,7 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
         raise CheckpointFormatError(f"tensor record has {6 + len(rest)} fields, expected 6 to 8")
     if rest and isinstance(rest[0], np.dtype) and rest[0] != storage.dtype:  # v3: untyped bytes
         storage = storage.view(rest[0])
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    offset, size, stride = int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride)
     if len(size) != len(stride) or offset < 0 or min(size + stride, default=0) < 0:
         raise CheckpointFormatError(f"bad tensor layout: offset={offset} size={size} stride={stride}")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
@@ -141,7 +141,7 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _SAFE_GLOBALS.get((module, name)) or super().find_class(module, name)
+            return _SAFE_GLOBALS[(module, name)]
         except KeyError:
             raise UnsafeCheckpointError(
                 f"refusing to load {self._path}: it asks to call {module}.{name}, which is not "
@@ -161,7 +161,7 @@ class _SafeUnpickler(pickle.Unpickler):
                 info = self._archive.getinfo(entry)
             except KeyError:
                 raise CheckpointFormatError(f"storage file {entry} is missing") from None
-            if info.file_size < nbytes:
+            if nbytes < 0 or info.file_size < nbytes:
                 raise CheckpointFormatError(
                     f"storage file {entry} holds {info.file_size} bytes, expected {nbytes}"
                 )
@@ -240,8 +240,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
 def _atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it into place."""
     path = os.path.abspath(os.fspath(path))
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -272,9 +271,11 @@ def _to_torch(value: Any, torch: Any, where: str) -> Any:
             return torch.from_numpy(arr.view(np.uint16)).view(torch.bfloat16)
         return torch.from_numpy(arr)
     if isinstance(value, Mapping):
-        return type(value)((k, _to_torch(v, torch, f"{where}[{k!r}]")) for k, v in value.items())
+        cls = type(value) if isinstance(value, dict) else dict
+        return cls((k, _to_torch(v, torch, f"{where}[{k!r}]")) for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_torch(v, torch, f"{where}[{i}]") for i, v in enumerate(value))
+        items = [_to_torch(v, torch, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     raise TypeError(f"{where} is a {type(value).__name__}; only arrays, dicts, lists and scalars are saved")

@@ -1,14 +1,14 @@
-"""The U-Net border weight map (Ronneberger et al. 2015, eq. 2), computed host-side.
+r"""The U-Net border weight map (Ronneberger et al. 2015, eq. 2), computed host-side.
 
 The paper pre-computes, for every ground-truth mask, a per-pixel weight
 
 .. math::
-  w(x) = w_c(x) + w_0 \\cdot \\exp\\left(-\\frac{(d_1(x) + d_2(x))^2}{2\\sigma^2}\\right)
+  w(x) = w_c(x) + w_0 \cdot \exp\left(-\frac{(d_1(x) + d_2(x))^2}{2\sigma^2}\right)
 
 where :math:`w_c` balances the class frequencies and :math:`d_1`, :math:`d_2` are the distances
 from :math:`x` to the border of the nearest and the second-nearest cell. The second term makes
 the thin background gaps between touching cells expensive to get wrong, which is what lets the
-network separate them. The paper uses :math:`w_0 = 10` and :math:`\\sigma \\approx 5` px.
+network separate them. The paper uses :math:`w_0 = 10` and :math:`\sigma \approx 5` px.
 
 The map is a training-data constant, so it is computed once per mask with numpy/scipy and fed to
 :func:`unet_jax.losses.weighted_cross_entropy` as ``weights``.
@@ -27,17 +27,17 @@ _BORDER_TOLERANCE = 1e-6
 
 
 def border_cutoff(sigma: float, *, tolerance: float = _BORDER_TOLERANCE) -> float:
-  """Distance beyond which the border term is negligible.
+  r"""Distance beyond which the border term is negligible.
 
   .. math::
-    r = \\sigma \\sqrt{2 \\ln(1 / \\text{tolerance})}
+    r = \sigma \sqrt{2 \ln(1 / \text{tolerance})}
 
-  Since :math:`d_1 \\le d_2`, a pixel whose second-nearest cell is farther than :math:`r` has
-  :math:`\\exp(-(d_1 + d_2)^2 / 2\\sigma^2) < \\exp(-r^2 / 2\\sigma^2) = \\text{tolerance}`.
-  For :math:`\\sigma = 5` and the default tolerance :math:`10^{-6}`, :math:`r \\approx 26.3` px.
+  Since :math:`d_1 \le d_2`, a pixel whose second-nearest cell is farther than :math:`r` has
+  :math:`\exp(-(d_1 + d_2)^2 / 2\sigma^2) < \exp(-r^2 / 2\sigma^2) = \text{tolerance}`.
+  For :math:`\sigma = 5` and the default tolerance :math:`10^{-6}`, :math:`r \approx 26.3` px.
 
   Args:
-    sigma: the border term's length scale :math:`\\sigma`, in pixels.
+    sigma: the border term's length scale :math:`\sigma`, in pixels.
     tolerance: relative size of the border term at the cutoff, in ``(0, 1)``.
 
   Returns:
@@ -71,7 +71,7 @@ def _class_weight_map(
 def _nearest_two_cell_distances(
     cells: np.ndarray, cutoff: float
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Distances :math:`d_1 \\le d_2` to the nearest and second-nearest cell, ``inf`` past ``cutoff``.
+  r"""Distances :math:`d_1 \le d_2` to the nearest and second-nearest cell, ``inf`` past ``cutoff``.
 
   Each cell's Euclidean distance transform is computed only inside its bounding box grown by
   ``cutoff``: the nearest pixel of that cell always lies in the box, so the distances there are
@@ -106,22 +106,22 @@ def weight_map(
     class_weights: Sequence[float] | None = None,
     foreground: int = 1,
 ) -> np.ndarray:
-  """Per-pixel loss weights of Ronneberger et al. 2015, eq. 2.
+  r"""Per-pixel loss weights of Ronneberger et al. 2015, eq. 2.
 
   .. math::
-    w(x) = w_c(x) + w_0 \\cdot \\exp\\left(-\\frac{(d_1(x) + d_2(x))^2}{2\\sigma^2}\\right)
-           \\cdot [\\,\\ell(x) \\ne \\text{foreground}\\,]
+    w(x) = w_c(x) + w_0 \cdot \exp\left(-\frac{(d_1(x) + d_2(x))^2}{2\sigma^2}\right)
+           \cdot [\,\ell(x) \ne \text{foreground}\,]
 
   * **Class balance** :math:`w_c`. With ``class_weights`` given,
-    :math:`w_c(x) = \\text{class\\_weights}[\\ell(x)]`. Otherwise every label value :math:`k`
-    present in this mask, with :math:`n_k` pixels, gets :math:`w_c = \\max_j n_j / n_k`: the most
+    :math:`w_c(x) = \text{class\_weights}[\ell(x)]`. Otherwise every label value :math:`k`
+    present in this mask, with :math:`n_k` pixels, gets :math:`w_c = \max_j n_j / n_k`: the most
     frequent class weighs 1, rarer classes proportionally more, so each class contributes the
     same total weight and :math:`w_0` keeps the scale it has in the paper.
   * **Cells** are the 4-connected components of ``label == foreground``; a 1 px membrane line
     therefore separates two cells.
-  * **Distances** :math:`d_1 \\le d_2` are Euclidean distances to the nearest pixel of the
+  * **Distances** :math:`d_1 \le d_2` are Euclidean distances to the nearest pixel of the
     nearest and second-nearest cell (0 inside a cell). Distances beyond
-    :func:`border_cutoff` (:math:`\\approx 26` px for :math:`\\sigma = 5`) count as infinite;
+    :func:`border_cutoff` (:math:`\approx 26` px for :math:`\sigma = 5`) count as infinite;
     this changes the border term by less than :math:`10^{-6} w_0`.
   * **Where the border term applies**: only on pixels outside the cells (the membrane /
     background class), as in the paper's Fig. 3d, where the weight lights up the gaps between
@@ -130,12 +130,12 @@ def weight_map(
     :math:`w_c` sets up. With fewer than two cells the term is zero everywhere.
 
   A pixel midway across a 1 px gap between two cells has :math:`d_1 = d_2 = 1`, so
-  :math:`w = w_c + w_0 e^{-2/\\sigma^2} \\approx w_c + 0.92\\,w_0` for :math:`\\sigma = 5`.
+  :math:`w = w_c + w_0 e^{-2/\sigma^2} \approx w_c + 0.92\,w_0` for :math:`\sigma = 5`.
 
   Args:
     label: ``[H, W]`` integer (or bool) ground-truth mask.
     w0: amplitude :math:`w_0` of the border term, ``>= 0`` (paper: 10).
-    sigma: length scale :math:`\\sigma` of the border term in pixels, ``> 0`` (paper: ~5).
+    sigma: length scale :math:`\sigma` of the border term in pixels, ``> 0`` (paper: ~5).
     class_weights: optional table of :math:`w_c` indexed by label value; must cover every value
       in ``label``. ``None`` balances the classes of this mask as described above.
     foreground: the label value of cell interiors.

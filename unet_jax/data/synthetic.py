@@ -29,7 +29,7 @@ from scipy.spatial import cKDTree
 
 # Mean cell diameter in pixels; with membranes 2 px wide on average this puts ~20 % of the
 # pixels on membranes (a wall of width 2h around a cell of diameter D covers ~4h/D of it).
-_CELL_SPACING = (17.0, 23.0)
+_CELL_SPACING = (16.0, 22.0)
 # Membrane half-thickness h(x): a membrane is 2h wide, so 1-3 px.
 _HALF_THICKNESS = (0.5, 1.5)
 _MIN_SIZE = 16
@@ -92,10 +92,10 @@ def _draw_example(rng: np.random.Generator, height: int, width: int) -> tuple[np
   image += 0.04 * _smooth_field(rng, (height, width), 3.0 * spacing)
 
   # Organelles: dark ellipses inside the cells, labelled interior, the classic false positive.
-  num_blobs = rng.poisson(0.25 * height * width / spacing**2)
+  num_blobs = rng.poisson(0.3 * height * width / spacing**2)
   for _ in range(num_blobs):
     cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-    ry, rx = rng.uniform(1.5, 0.22 * spacing, 2)
+    ry, rx = rng.uniform(1.5, 0.3 * spacing, 2)
     angle = rng.uniform(0.0, np.pi)
     reach = int(np.ceil(max(ry, rx))) + 1
     top, left = max(int(cy) - reach, 0), max(int(cx) - reach, 0)
