@@ -1,0 +1,34 @@
+"""Train a U-Net: ``python train.py [--config=configs/FILE.py[:variant]] [--workdir=DIR]``.
+
+Every number lives in the config; override any of them on the command line, e.g.
+``--config.num_steps=200 --config.optimizer.learning_rate=1e-3``. Re-running the same command
+with the same workdir resumes from its latest checkpoint.
+"""
+
+import pathlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from unet_jax import distributed, train
+
+_HERE = pathlib.Path(__file__).parent
+config_flags.DEFINE_config_file("config", str(_HERE / "configs" / "default.py"),
+                                "Training configuration file.", lock_config=True)
+flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, logs and predictions.")
+distributed.define_flags()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # orbax reports every file it writes at INFO
+  distributed.initialize_from_flags()
+  metrics = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  if metrics:
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.startswith("dice_"))
+    print(f"final validation: {summary}")
+
+
+if __name__ == "__main__":
+  app.run(main)

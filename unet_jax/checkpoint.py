@@ -1,0 +1,92 @@
+"""Training checkpoints with orbax: async saves, the last N and the best k, exact resume.
+
+A checkpoint holds the whole training state (parameters, BatchNorm statistics, optimiser
+state, step, RNG key) and the input iterator's position, so a resumed run continues with the
+same data. Orbax writes each step to a temporary directory and renames it when complete, so
+an interrupted save is never picked up as the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+
+class Checkpointer:
+  """A thin, explicit wrapper over ``ocp.CheckpointManager``.
+
+  Args:
+    directory: where step directories are written (created if missing).
+    max_to_keep: how many of the latest checkpoints to keep.
+    keep_best: how many of the best checkpoints (by ``best_metric``) to keep in addition.
+    best_metric: name of the evaluation metric that ranks checkpoints.
+    best_mode: ``"max"`` or ``"min"``.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, keep_best: int = 1,
+               best_metric: str | None = None, best_mode: str = "max",
+               async_save: bool = True):
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be ≥ 1, got {max_to_keep}")
+    self.directory = pathlib.Path(directory).absolute()
+    self.best_metric = best_metric
+    policies = [checkpoint_managers.LatestN(max_to_keep)]
+    if best_metric and keep_best:
+      sign = 1.0 if best_mode == "max" else -1.0
+      policies.append(checkpoint_managers.BestN(
+          get_metric_fn=lambda metrics: sign * float(metrics[best_metric]), reverse=True,
+          n=keep_best, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict[str, Any],
+           metrics: dict[str, float] | None = None, *, force: bool = False) -> bool:
+    """Start an (async) save of ``state`` and the iterator position ``data_state``."""
+    if self.best_metric and metrics is not None and self.best_metric not in metrics:
+      raise ValueError(f"best_metric {self.best_metric!r} is not among the evaluation metrics "
+                       f"{sorted(metrics)}")
+    return self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      data=ocp.args.JsonSave(data_state)),
+        metrics=metrics, force=force)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """The state (shaped and placed like ``abstract_state``) and iterator position at
+    ``step`` (default: the latest)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                        data=ocp.args.JsonRestore()))
+    except FileNotFoundError:
+      raise
+    except Exception as error:  # orbax raises many types for damaged or foreign files
+      raise ValueError(f"cannot restore the checkpoint at step {step} in {self.directory}: "
+                       f"{type(error).__name__}: {error}. It may be incomplete, damaged or "
+                       f"from a different model configuration; available steps: "
+                       f"{self.all_steps()}") from error
+    return restored["state"], restored["data"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

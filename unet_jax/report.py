@@ -1,0 +1,104 @@
+"""What a training run shows and leaves behind: a progress bar, eval lines, TensorBoard
+scalars and image grids, ``metrics.jsonl`` and a PNG of validation predictions.
+
+Only process 0 writes; on the others every method is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from unet_jax import metrics, parallel
+
+
+class Reporter:
+
+  def __init__(self, workdir: pathlib.Path, config, model_kwargs: dict[str, Any], *,
+               start_step: int):
+    self.enabled = jax.process_index() == 0
+    self.workdir, self.log_every = workdir, config.log_every
+    self.num_classes = model_kwargs["num_classes"]
+    if not self.enabled:
+      return
+    from tensorboardX import SummaryWriter
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(
+        {"model": model_kwargs, "train": config.to_dict()}, indent=2, default=str) + "\n")
+    self.writer = SummaryWriter(str(workdir / "tensorboard"))
+    self.jsonl = open(workdir / "metrics.jsonl", "a")
+    self.bar = tqdm(total=config.num_steps, initial=start_step, desc="train", unit="step",
+                    dynamic_ncols=True, mininterval=1.0)
+    self.window_start, self.window_steps = time.perf_counter(), 0
+
+  def _record(self, step: int, split: str, values: dict[str, float]) -> None:
+    for name, value in values.items():
+      self.writer.add_scalar(f"{split}/{name}", value, step)
+    self.jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+    self.jsonl.flush()
+
+  def train_step(self, step: int, measurements: dict[str, jax.Array]) -> None:
+    if not self.enabled:
+      return
+    self.bar.update(1)
+    self.window_steps += 1
+    if step % self.log_every:
+      return
+    values = {k: float(v) for k, v in measurements.items() if k != "confusion"}
+    values.update(metrics.summarize(np.asarray(measurements["confusion"])))
+    elapsed = time.perf_counter() - self.window_start
+    values["steps_per_second"] = self.window_steps / max(elapsed, 1e-9)
+    self.window_start, self.window_steps = time.perf_counter(), 0
+    self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+    self._record(step, "train", values)
+
+  def eval(self, step: int, values: dict[str, float], state, predict_fn, batches, mesh) -> None:
+    """Log eval metrics, and an image grid of the first validation batch."""
+    batch = next(iter(batches))
+    probabilities = predict_fn(state, parallel.shard_batch({"image": batch["image"]}, mesh)["image"])
+    if not self.enabled:
+      return
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items()
+                      if k in ("loss", "pixel_error", "mean_iou") or k.startswith("iou_"))
+    self.bar.write(f"eval @ step {step}: {shown}")
+    self._record(step, "eval", values)
+    local = np.concatenate([np.asarray(s.data) for s in probabilities.addressable_shards])
+    grid = image_grid(batch["image"], batch["label"], local.argmax(-1), self.num_classes)
+    self.writer.add_image("eval/input_label_prediction", grid, step, dataformats="HWC")
+    Image.fromarray(grid).save(self.workdir / "predictions.png")
+
+  def close(self) -> None:
+    if self.enabled:
+      self.bar.close()
+      self.writer.close()
+      self.jsonl.close()
+
+
+def image_grid(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+               num_classes: int, *, rows: int = 4) -> np.ndarray:
+  """uint8 ``[H, W, 3]``: one row per example: input | label | prediction.
+
+  Inputs larger than the outputs (unpadded models) are center-cropped to the output size;
+  ignored label pixels are shown in red.
+  """
+  rows_out = []
+  for image, label, prediction in list(zip(images, labels, predictions))[:rows]:
+    h, w = label.shape
+    top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
+    gray = image[top:top + h, left:left + w].mean(-1)
+    gray = (gray - gray.min()) / max(gray.max() - gray.min(), 1e-6)
+    scale = 255 / max(num_classes - 1, 1)
+    panels = [np.repeat(gray[..., None] * 255, 3, -1)]
+    for classes in (label, prediction):
+      panel = np.repeat((np.clip(classes, 0, None) * scale)[..., None], 3, -1)
+      panel[classes < 0] = (255, 0, 0)
+      panels.append(panel)
+    rows_out.append(np.concatenate(panels, axis=1))
+  return np.concatenate(rows_out, axis=0).astype(np.uint8)
