@@ -31,6 +31,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.num_val = 16
   config.data.image_size = (128, 128)
   config.data.channels = 1
+  config.data.class_names = ("membrane", "cell")  # metric names: iou_membrane, iou_cell, ...
   config.data.tile_size = (128, 128)  # a valid model input size
   config.data.augment = ml_collections.ConfigDict(dict(flip=True, rotate=True))
   config.data.weight_map = ml_collections.ConfigDict(
@@ -45,11 +46,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       momentum=0.99, weight_decay=1e-4, grad_clip_norm=1.0))
 
   config.batch_size = 8  # global: split over every device of every host
-  config.num_steps = 200
+  config.num_steps = 300
   config.log_every = 20
   config.eval_every = 100
   config.checkpoint = ml_collections.ConfigDict(dict(
-      every=100, max_to_keep=2, keep_best=1, best_metric="iou_1", best_mode="max"))
+      every=100, max_to_keep=2, keep_best=1, best_metric="iou_cell", best_mode="max"))
 
   if "tiny" in variant:
     config.model.features = (4, 8, 16)

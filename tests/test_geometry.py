@@ -154,3 +154,8 @@ def test_center_crop_non_square_odd_differences():
   # Without a batch axis.
   np.testing.assert_array_equal(center_crop(x[0], 8, 11), x[0, 0:8, 0:11, :])
   np.testing.assert_array_equal(center_crop(x, 9, 12), x)
+
+
+def test_numpy_integer_sizes_are_accepted():
+  assert Geometry().is_valid(np.int64(572))
+  assert Geometry().check_shape(np.int64(572), 572) == (388, 388)

@@ -109,7 +109,7 @@ def test_train_and_evaluate_writes_outputs_and_resumes_exactly(tmp_path, monkeyp
   config = tiny_config(num_steps=6, eval_every=3)
   config.checkpoint.every = 2
   final = train.train_and_evaluate(config, str(tmp_path / "straight"))
-  assert 0.0 <= final["pixel_error"] <= 1.0 and "iou_1" in final
+  assert 0.0 <= final["pixel_error"] <= 1.0 and "iou_cell" in final
   for name in ("config.json", "metrics.jsonl", "predictions.png"):
     assert (tmp_path / "straight" / name).is_file(), name
   assert list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))

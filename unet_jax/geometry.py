@@ -16,6 +16,7 @@ up-sampled map fits inside its skip. The paper's network (all convolutions unpad
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Literal
 
 Padding = Literal["valid", "same"]
@@ -59,7 +60,8 @@ class Geometry:
     item), ``ups`` (up-sampled sizes, deepest first) and ``decoder`` (decoder outputs, deepest
     first; the last is the network's output size).
     """
-    if not isinstance(size, int) or size < 1:
+    size = _as_size(size)
+    if size is None or size < 1:
       return None
     skips, x = [], size
     for _ in range(self.depth):
@@ -115,7 +117,8 @@ class Geometry:
     return n
 
   def _nearest_text(self, size: int) -> str:
-    below, above = self.nearest_valid(size) if isinstance(size, int) and size > 0 else (
+    size = _as_size(size)
+    below, above = self.nearest_valid(size) if size is not None and size > 0 else (
         None, self.min_input_size())
     return ", ".join(str(n) for n in (below, above) if n is not None)
 
@@ -146,6 +149,14 @@ class Geometry:
           f"{'; '.join(problems)}. Every 2×2 max-pool must see an even size and every size "
           f"must stay positive; pad or tile the image (see unet_jax.geometry).")
     return self.output_size(height), self.output_size(width)
+
+
+def _as_size(size) -> int | None:
+  """``size`` as a Python int (numpy integers included); ``None`` for floats and others."""
+  try:
+    return operator.index(size)
+  except TypeError:
+    return None
 
 
 def crop_offsets(source: int, target: int) -> tuple[int, int]:

@@ -244,6 +244,9 @@ class UNet(nnx.Module):
     ``rngs`` supplies the ``dropout`` stream in training mode when ``dropout > 0``.
     """
     self.check_input(x.shape)
+    if self.dropout is not None and not self.dropout.deterministic and rngs is None:
+      raise ValueError("this U-Net has dropout and is in training mode: pass "
+                       "rngs=nnx.Rngs(dropout=key), or call model.eval() for inference")
     x = self.inc(x)
     skips = []
     for down in self.downs:

@@ -26,6 +26,7 @@ class Reporter:
     self.enabled = jax.process_index() == 0
     self.workdir, self.log_every = workdir, config.log_every
     self.num_classes = model_kwargs["num_classes"]
+    self.class_names = config.data.class_names
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter
@@ -52,7 +53,8 @@ class Reporter:
     if step % self.log_every:
       return
     values = {k: float(v) for k, v in measurements.items() if k != "confusion"}
-    values.update(metrics.summarize(np.asarray(measurements["confusion"])))
+    values.update(metrics.summarize(np.asarray(measurements["confusion"]),
+                                    class_names=self.class_names))
     elapsed = time.perf_counter() - self.window_start
     values["steps_per_second"] = self.window_steps / max(elapsed, 1e-9)
     self.window_start, self.window_steps = time.perf_counter(), 0

@@ -163,12 +163,12 @@ def predict_step(state: TrainState, images: jax.Array, *, graphdef: nnx.GraphDef
   return jax.nn.softmax(nnx.merge(graphdef, state.params, state.batch_stats)(images), axis=-1)
 
 
-def evaluate(eval_fn, state, batches, mesh) -> dict[str, float]:
+def evaluate(eval_fn, state, batches, mesh, class_names=None) -> dict[str, float]:
   totals = None
   for batch in batches:
     out = jax.device_get(eval_fn(state, parallel.shard_batch(batch, mesh)))
     totals = out if totals is None else jax.tree.map(np.add, totals, out)
-  summary = metrics.summarize(totals["confusion"])
+  summary = metrics.summarize(totals["confusion"], class_names=class_names)
   return {"loss": float(totals["loss_sum"] / totals["examples"]), **summary}
 
 
@@ -220,6 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dataset = pipeline.train_dataset(config.data, **share)
   iterator = pipeline.train_iterator(dataset, config.data, data_state)
   eval_batches = lambda: pipeline.eval_batches(config.data, **share)
+  evaluate_now = lambda state: evaluate(p_eval, state, eval_batches(), mesh,
+                                       config.data.class_names)
   reporter = Reporter(workdir, config, kwargs, start_step=start)
 
   previous, final = None, {}
@@ -233,14 +235,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       reporter.train_step(step, measurements)
       if step % config.eval_every == 0 or step == config.num_steps:
         check_finite(step, measurements)
-        final = evaluate(p_eval, state, eval_batches(), mesh)
+        final = evaluate_now(state)
         reporter.eval(step, final, state, p_predict, eval_batches(), mesh)
         checkpointer.save(step, state, iterator.get_state(), final)
       elif step % config.checkpoint.every == 0:
         check_finite(step, measurements)
         checkpointer.save(step, state, iterator.get_state())
     if not final:  # resumed at or past the last step: report where the run stands
-      final = evaluate(p_eval, state, eval_batches(), mesh)
+      final = evaluate_now(state)
   finally:
     checkpointer.close()
     reporter.close()
