@@ -40,7 +40,7 @@ class Checkpointer:
     if best_metric and keep_best:
       sign = 1.0 if best_mode == "max" else -1.0
       policies.append(checkpoint_managers.BestN(
-          get_metric_fn=lambda metrics: sign * float(metrics[best_metric]), reverse=True,
+          get_metric_fn=lambda metrics: sign * float(metrics[best_metric]), reverse=False,
           n=keep_best, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
@@ -90,3 +90,65 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def load_model(path: str | os.PathLike, *, step: int | None = None):
+  """A ready ``UNet`` (in eval mode) and its config from any of:
+
+  * a training workdir (``config.json`` + ``checkpoints/``): the latest step, or ``step``;
+  * a directory written by ``python -m unet_jax.convert`` (``config.json`` + ``state/``);
+  * a PyTorch ``.pth``/``.pt``/``.safetensors`` file (converted on the fly).
+  """
+  import json
+
+  from flax import nnx
+
+  from unet_jax import convert
+  from unet_jax.model import UNet
+
+  path = pathlib.Path(path).absolute()
+  if path.is_file():
+    model, config = convert.load_pytorch(path)
+  elif (path / "state").is_dir():
+    model, config = convert.load_flax(path)
+  elif (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+    config = json.loads((path / "config.json").read_text())["model"]
+    steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
+    if not steps or (step is not None and step not in steps):
+      raise FileNotFoundError(f"{path / 'checkpoints'} has no checkpoint"
+                              f"{f' at step {step}' if step is not None else ''}; "
+                              f"available steps: {steps}")
+    step = steps[-1] if step is None else step
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: UNet(**config, rngs=nnx.Rngs(0))))
+    try:
+      saved = ocp.StandardCheckpointer().restore(path / "checkpoints" / str(step) / "state")
+      pure = nnx.to_pure_dict(abstract)
+      _fill(pure, saved["params"])
+      _fill(pure, saved["batch_stats"])
+    except Exception as error:
+      raise ValueError(f"cannot read the checkpoint at step {step} in {path}: "
+                       f"{type(error).__name__}: {error}") from error
+    nnx.replace_by_pure_dict(abstract, pure)
+    model = nnx.merge(graphdef, abstract)
+  elif not path.exists():
+    raise FileNotFoundError(f"{path} does not exist")
+  else:
+    raise ValueError(f"{path} is neither a training workdir (config.json + checkpoints/), a "
+                     f"converted model (config.json + state/) nor a PyTorch checkpoint file")
+  model.eval()
+  return model, config
+
+
+def _fill(target: dict, saved: dict) -> None:
+  """Copy ``saved`` leaves into ``target`` where the keys match (orbax saves list indices as
+  strings), checking shapes."""
+  for key, value in saved.items():
+    matching = next((k for k in target if str(k) == str(key)), None)
+    if matching is None:
+      raise KeyError(f"checkpoint entry {key!r} has no place in the model")
+    if isinstance(value, dict):
+      _fill(target[matching], value)
+    elif tuple(target[matching].shape) != tuple(value.shape):
+      raise ValueError(f"{key}: checkpoint shape {value.shape}, model {target[matching].shape}")
+    else:
+      target[matching] = value
