@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
+
 from flax import nnx
 
 from unet_jax import losses, parallel, train
+from unet_jax.checkpoint import read_tree
 from unet_jax.data import pipeline
 from unet_jax.model import milesial
 
@@ -82,7 +83,7 @@ def test_data_parallel_step_equals_single_device_step():
 def _final_params(workdir):
   checkpoints = pathlib.Path(workdir) / "checkpoints"
   last = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-  restored = ocp.StandardCheckpointer().restore(checkpoints / str(last) / "state")
+  restored = read_tree(checkpoints / str(last) / "state")
   return last, restored
 
 
@@ -143,7 +144,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [2, 3]  # max_to_keep=2; nothing at or after the bad step
   for step in steps:
-    restored = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(step) / "state")
+    restored = read_tree(tmp_path / "checkpoints" / str(step) / "state")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored)), step
 
 

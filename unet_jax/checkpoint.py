@@ -121,7 +121,7 @@ def load_model(path: str | os.PathLike, *, step: int | None = None):
     step = steps[-1] if step is None else step
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: UNet(**config, rngs=nnx.Rngs(0))))
     try:
-      saved = ocp.StandardCheckpointer().restore(path / "checkpoints" / str(step) / "state")
+      saved = read_tree(path / "checkpoints" / str(step) / "state")
       pure = nnx.to_pure_dict(abstract)
       _fill(pure, saved["params"])
       _fill(pure, saved["batch_stats"])
@@ -139,6 +139,19 @@ def load_model(path: str | os.PathLike, *, step: int | None = None):
   return model, config
 
 
+def read_tree(directory: str | os.PathLike) -> Any:
+  """Every array of an orbax item directory, on this process's first device, whatever the
+  device topology it was saved from (8 GPUs, 2 hosts, ...)."""
+  import jax
+
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(directory)
+  tree = getattr(metadata, "item_metadata", metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return checkpointer.restore(directory, target)
+
+
 def _fill(target: dict, saved: dict) -> None:
   """Copy ``saved`` leaves into ``target`` where the keys match (orbax saves list indices as
   strings), checking shapes."""
@@ -146,6 +159,8 @@ def _fill(target: dict, saved: dict) -> None:
     matching = next((k for k in target if str(k) == str(key)), None)
     if matching is None:
       raise KeyError(f"checkpoint entry {key!r} has no place in the model")
+    if isinstance(value, dict) and set(value) == {"value"}:  # an nnx.Variable's payload
+      value = value["value"]
     if isinstance(value, dict):
       _fill(target[matching], value)
     elif tuple(target[matching].shape) != tuple(value.shape):
