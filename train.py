@@ -6,6 +6,7 @@ with the same workdir resumes from its latest checkpoint.
 """
 
 import pathlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -24,7 +25,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # orbax reports every file it writes at INFO
   distributed.initialize_from_flags()
-  metrics = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    metrics = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (ValueError, FileNotFoundError, train.NonFiniteLossError) as error:
+    sys.exit(f"error: {error}")
   if metrics:
     summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.startswith("dice_"))
     print(f"final validation: {summary}")

@@ -22,7 +22,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.features = (16, 32, 64, 128, 256)
   config.model.dropout = 0.0
   config.model.remat = False
-  config.model.dtype = None  # "bfloat16" for mixed precision
+  config.model.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "synthetic"
@@ -50,7 +50,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.log_every = 20
   config.eval_every = 100
   config.checkpoint = ml_collections.ConfigDict(dict(
-      every=100, max_to_keep=2, keep_best=1, best_metric="iou_cell", best_mode="max"))
+      every=100, max_to_keep=2, keep_best=1, best_metric="iou_cell", best_mode="max",
+      restore_step=ml_collections.config_dict.placeholder(int)))  # None: resume from the latest checkpoint, if any
 
   if "tiny" in variant:
     config.model.features = (4, 8, 16)

@@ -37,6 +37,7 @@ class Checkpointer:
     self.directory = pathlib.Path(directory).absolute()
     self.best_metric = best_metric
     policies = [checkpoint_managers.LatestN(max_to_keep)]
+    # BestN keeps the n largest values of get_metric_fn.
     if best_metric and keep_best:
       sign = 1.0 if best_mode == "max" else -1.0
       policies.append(checkpoint_managers.BestN(
@@ -44,7 +45,9 @@ class Checkpointer:
           n=keep_best, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=True,
+        # Leftovers of a save that was killed half-way are removed, never read.
+        cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
 
@@ -71,6 +74,9 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    if step not in self.all_steps():
+      raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}; available "
+                              f"steps: {self.all_steps()}")
     try:
       restored = self.manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -80,9 +86,17 @@ class Checkpointer:
     except Exception as error:  # orbax raises many types for damaged or foreign files
       raise ValueError(f"cannot restore the checkpoint at step {step} in {self.directory}: "
                        f"{type(error).__name__}: {error}. It may be incomplete, damaged or "
-                       f"from a different model configuration; available steps: "
-                       f"{self.all_steps()}") from error
+                       f"from a different model configuration. Available steps: "
+                       f"{self.all_steps()}; restore an older one with "
+                       f"--config.checkpoint.restore_step=STEP") from error
     return restored["state"], restored["data"]
+
+  def discard_after(self, step: int) -> list[int]:
+    """Delete the checkpoints newer than ``step`` (an abandoned continuation); returns them."""
+    newer = [s for s in self.all_steps() if s > step]
+    for s in newer:
+      self.manager.delete(s)
+    return newer
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

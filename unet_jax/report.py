@@ -76,6 +76,10 @@ class Reporter:
     self.writer.add_image("eval/input_label_prediction", grid, step, dataformats="HWC")
     Image.fromarray(grid).save(self.workdir / "predictions.png")
 
+  def message(self, text: str) -> None:
+    if self.enabled:
+      self.bar.write(text)
+
   def close(self) -> None:
     if self.enabled:
       self.bar.close()

@@ -28,6 +28,7 @@ from unet_jax.checkpoint import Checkpointer
 from unet_jax.data import pipeline
 from unet_jax.model import PRESETS, UNet
 from unet_jax.report import Reporter
+from unet_jax.signals import GracefulStop
 
 AXIS = parallel.AXIS
 
@@ -211,9 +212,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               keep_best=config.checkpoint.keep_best,
                               best_metric=config.checkpoint.best_metric,
                               best_mode=config.checkpoint.best_mode)
-  data_state = None
-  if checkpointer.latest_step() is not None:
-    state, data_state = checkpointer.restore(jax.tree.map(_abstract, state))
+  data_state, restore_step = None, config.checkpoint.get("restore_step")
+  if restore_step is not None or checkpointer.latest_step() is not None:
+    state, data_state = checkpointer.restore(jax.tree.map(_abstract, state), restore_step)
+    if restore_step is not None:  # going back: later checkpoints belong to another timeline
+      checkpointer.discard_after(restore_step)
   start = int(state.step)
   share = dict(input_hw=input_hw, output_hw=output_hw, local_batch=local_batch,
                process_index=jax.process_index(), process_count=jax.process_count())
@@ -226,21 +229,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   previous, final = None, {}
   try:
-    for step in range(start + 1, config.num_steps + 1):
-      batch = next(iterator)
-      state, measurements = p_train(state, parallel.shard_batch(batch, mesh))
-      if previous is not None:  # checked one step late, so the device is never idle
-        check_finite(step - 1, previous)
-      previous = measurements
-      reporter.train_step(step, measurements)
-      if step % config.eval_every == 0 or step == config.num_steps:
-        check_finite(step, measurements)
-        final = evaluate_now(state)
-        reporter.eval(step, final, state, p_predict, eval_batches(), mesh)
-        checkpointer.save(step, state, iterator.get_state(), final)
-      elif step % config.checkpoint.every == 0:
-        check_finite(step, measurements)
-        checkpointer.save(step, state, iterator.get_state())
+    with GracefulStop() as stop:
+      for step in range(start + 1, config.num_steps + 1):
+        batch = next(iterator)
+        state, measurements = p_train(state, parallel.shard_batch(batch, mesh))
+        if previous is not None:  # checked one step late, so the device is never idle
+          check_finite(step - 1, previous)
+        previous = measurements
+        reporter.train_step(step, measurements)
+        stopping = stop.requested()
+        if step % config.eval_every == 0 or step == config.num_steps:
+          check_finite(step, measurements)
+          final = evaluate_now(state)
+          reporter.eval(step, final, state, p_predict, eval_batches(), mesh)
+          checkpointer.save(step, state, iterator.get_state(), final)
+        elif step % config.checkpoint.every == 0 or stopping:
+          check_finite(step, measurements)
+          checkpointer.save(step, state, iterator.get_state(), force=True)
+        if stopping:
+          reporter.message(f"{stop.signal_name or 'stop'} received: saved step {step} to "
+                           f"{checkpointer.directory}; run the same command to resume")
+          return final
     if not final:  # resumed at or past the last step: report where the run stands
       final = evaluate_now(state)
   finally:
