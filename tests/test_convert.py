@@ -195,3 +195,15 @@ def test_command_line_both_directions(tmp_path):
       np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
   result = run(tmp_path / "missing.pth", tmp_path / "out")
   assert result.returncode == 2 and "missing.pth" in result.stderr
+
+
+def test_walkthrough_layout_without_batch_norm_round_trips():
+  from unet_jax.model import UNet
+  net = UNet(1, 2, features=SMALL, encoder_padding="valid", decoder_padding="same",
+             concat_order="up_skip", rngs=nnx.Rngs(0))
+  state = convert.to_pytorch(net, "walkthrough")
+  assert not any("running_mean" in k or "num_batches_tracked" in k for k in state)
+  back, config = convert.from_pytorch(state)
+  assert config["norm"] is None
+  for key, value in convert.to_pytorch(back, "walkthrough").items():
+    np.testing.assert_array_equal(value, state[key], err_msg=key)

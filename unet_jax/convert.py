@@ -214,7 +214,7 @@ def to_pytorch(model: UNet, layout: str) -> dict[str, np.ndarray]:
       if flax_name in node:
         value = np.asarray(node[flax_name], dtype=np.float32)
         state[f"{prefix}.{torch_name}"] = np.ascontiguousarray(to_torch(value) if to_torch else value)
-    if kind == "norm":
+    if kind == "norm" and node:
       state[f"{prefix}.num_batches_tracked"] = np.array(0, dtype=np.int64)
   return state
 
@@ -226,7 +226,10 @@ def load_pytorch(path: str | os.PathLike, *, layout: str | None = None,
 
 
 def _get(tree: dict, path: tuple) -> dict:
+  """The node at ``path``; empty for a layer the model does not have (e.g. no BatchNorm)."""
   for part in path:
+    if part not in tree:
+      return {}
     tree = tree[part]
   return tree
 

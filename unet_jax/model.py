@@ -217,7 +217,7 @@ class UNet(nnx.Module):
                norm_axis_name: str | None = None, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     _check_options(in_channels, num_classes, features, upsample, norm, dropout, concat_order)
-    self.in_channels, self.num_classes = in_channels, num_classes
+    self.in_channels, self.num_classes, self.remat = in_channels, num_classes, remat
     self.features = tuple(features)
     self.geometry = Geometry(len(features) - 1, encoder_padding, decoder_padding)
     common = dict(norm=norm, use_bias=use_bias, norm_axis_name=norm_axis_name, dtype=dtype,
@@ -247,7 +247,7 @@ class UNet(nnx.Module):
     if self.dropout is not None and not self.dropout.deterministic and rngs is None:
       raise ValueError("this U-Net has dropout and is in training mode: pass "
                        "rngs=nnx.Rngs(dropout=key), or call model.eval() for inference")
-    x = self.inc(x)
+    x = nnx.remat(DoubleConv.__call__)(self.inc, x) if self.remat else self.inc(x)
     skips = []
     for down in self.downs:
       skips.append(x)
