@@ -138,7 +138,7 @@ def test_train_and_evaluate_writes_outputs_and_resumes_exactly(tmp_path, monkeyp
 def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, monkeypatch):
   config = tiny_config(num_steps=6, eval_every=100)
   config.checkpoint.every = 1
-  _patch_iterator(monkeypatch, 4, lambda batch: {**batch, "image": batch["image"] * np.nan})
+  _patch_iterator(monkeypatch, 4, lambda batch: {**batch, "image": batch["image"] * 3e38})
   with pytest.raises(train.NonFiniteLossError, match=r"at step 4"):
     train.train_and_evaluate(config, str(tmp_path))
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())

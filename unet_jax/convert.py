@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
       n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
       print(f"converted {args.input} ({config['layout']} layout, {n:,} parameters, "
             f"features {config['features']}, {config['num_classes']} classes) → {args.output_dir}")
-  except (ValueError, FileNotFoundError) as error:
+  except (ValueError, OSError) as error:
     parser.exit(2, f"error: {error}\n")
 
 

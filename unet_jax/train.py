@@ -173,6 +173,31 @@ def evaluate(eval_fn, state, batches, mesh, class_names=None) -> dict[str, float
   return {"loss": float(totals["loss_sum"] / totals["examples"]), **summary}
 
 
+def check_batch(batch: dict[str, np.ndarray], *, num_classes: int, channels: int) -> None:
+  """A clear error for data the model cannot train on (cheap host-side checks)."""
+  image, label = batch["image"], batch["label"]
+  if image.shape[-1] != channels:
+    raise ValueError(f"the data has {image.shape[-1]} channel(s) but the model takes "
+                     f"{channels}; set model.in_channels or the data's channels")
+  if not np.isfinite(image).all():
+    raise ValueError("the input batch contains NaN or infinite pixel values")
+  bad = label[(label != pipeline.IGNORE) & ((label < 0) | (label >= num_classes))]
+  if bad.size:
+    raise ValueError(f"label values {sorted(set(bad.tolist()))[:10]} are outside the model's "
+                     f"classes 0..{num_classes - 1} (and the ignore value {pipeline.IGNORE}); "
+                     f"set model.num_classes or map the mask values to classes")
+
+
+def _writable(workdir: pathlib.Path) -> None:
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write-test-{jax.process_index()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as error:
+    raise ValueError(f"the workdir {workdir} cannot be written: {error}") from error
+
+
 def check_finite(step: int, measurements: dict[str, Any]) -> None:
   values = {k: float(v) for k, v in measurements.items() if k != "confusion"}
   bad = {k: v for k, v in values.items() if not np.isfinite(v)}
@@ -189,12 +214,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the final validation metrics.
   """
   workdir = pathlib.Path(workdir).absolute()
+  _writable(workdir)
   mesh = parallel.make_mesh()
   local_batch = parallel.local_batch_size(config.batch_size, mesh)
   kwargs = model_kwargs(config.model)
   model = create_model(kwargs, seed=config.seed, norm_axis_name=AXIS)
-  input_hw = tuple(config.data.tile_size)
-  output_hw = model.output_shape(*input_hw)
+  input_hw, output_hw = pipeline.tile_shapes(config.data, model.geometry)
   tx = create_optimizer(config.optimizer, config.num_steps)
   state, train_graphdef, eval_graphdef = create_train_state(model, tx, config.seed)
   state = parallel.replicate(state, mesh)
@@ -232,6 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with GracefulStop() as stop:
       for step in range(start + 1, config.num_steps + 1):
         batch = next(iterator)
+        check_batch(batch, num_classes=kwargs["num_classes"], channels=kwargs["in_channels"])
         state, measurements = p_train(state, parallel.shard_batch(batch, mesh))
         if previous is not None:  # checked one step late, so the device is never idle
           check_finite(step - 1, previous)

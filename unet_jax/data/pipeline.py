@@ -1,13 +1,26 @@
 """From a source of whole images to batches of tiles, with grain.
 
+Sources (``config.data.source``, each parameterised by the section of ``config.data`` with
+its name): ``synthetic`` (:mod:`~unet_jax.data.synthetic`), ``isbi2012``
+(:mod:`~unet_jax.data.isbi2012`), ``folder`` (:mod:`~unet_jax.data.folder`) and ``tfds``
+(:mod:`~unet_jax.data.tfds_source`). Each is random access and gives whole examples
+``{"image": float32 [H, W, C] in [0, 1], "label": int32 [H, W]}``.
+
 Training tiles are cut the paper's way (overlap-tile): a random output window of the model's
 output size, and around it the input window of the model's input size, mirror-padded where
 it crosses the image border; the label (and the weight map) are cut to the output window.
-Each process reads only its own share of every global batch.
+Images smaller than a tile are padded, never resized. The weight map is computed on the
+whole label first, then cut and deformed with it. Augmentation (:mod:`~unet_jax.data.augment`)
+is configured by ``config.data.augment``. Each process reads only its own share of every
+global batch, prepared by grain threads (``data.num_threads``) and, optionally, worker
+processes (``data.num_workers``). Validation cuts tiles that cover every pixel of every
+validation image exactly once, so its metrics are over whole images.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,121 +28,234 @@ import grain
 import ml_collections
 import numpy as np
 
+from unet_jax.data import augment, folder, isbi2012, tfds_source
+from unet_jax.data.decode import IGNORE
 from unet_jax.data.synthetic import SyntheticEM
-from unet_jax.geometry import crop_offsets
+from unet_jax.geometry import Geometry, crop_offsets
 from unet_jax.weight_map import weight_map
 
-IGNORE = -1  # label of padding pixels; metrics and losses skip it
+__all__ = ["IGNORE", "make_source", "tile_shapes", "cut_tile", "random_tile", "covering_tiles",
+           "WithWeightMap", "train_dataset", "train_iterator", "eval_batches"]
 
-SOURCES = ("synthetic",)
+_FROM_CONFIG = {"isbi2012": isbi2012.from_config, "folder": folder.from_config,
+                "tfds": tfds_source.from_config}
+SOURCES = ("synthetic", *_FROM_CONFIG)
 
 
 def make_source(config: ml_collections.ConfigDict, split: str):
-  """The random-access source of whole ``{"image", "label"}`` examples for ``split``."""
+  """The random-access source of whole ``{"image", "label"}`` examples for ``split``
+  (``"train"`` or ``"validation"``) of ``config`` (a ``config.data``)."""
   if config.source == "synthetic":
     count = config.num_train if split == "train" else config.num_val
     # Disjoint seeds keep validation images out of the training set.
     seed = config.seed if split == "train" else config.seed + 10_000
     return SyntheticEM(count, size=tuple(config.image_size), seed=seed,
                        channels=config.channels)
-  raise ValueError(f"unknown data source {config.source!r}; known sources: {SOURCES}")
+  if config.source not in _FROM_CONFIG:
+    raise ValueError(f"unknown data source {config.source!r}; known sources: {SOURCES}")
+  if config.source not in config:
+    raise ValueError(f"data.source is {config.source!r} but config.data has no "
+                     f"{config.source!r} section with its settings (see configs/isbi2012.py, "
+                     f"configs/folder.py and configs/oxford_pets.py)")
+  source = _FROM_CONFIG[config.source](config[config.source], split, channels=config.channels)
+  if not len(source):
+    raise ValueError(f"the {split} split of {source!r} is empty")
+  return source
+
+
+def tile_shapes(config: ml_collections.ConfigDict, geometry: Geometry
+                ) -> tuple[tuple[int, int], tuple[int, int]]:
+  """``(input_hw, output_hw)`` of a training tile, ``config.tile_size`` checked against the
+  model's ``geometry`` before any data is read.
+
+  Raises:
+    ValueError: naming the nearest valid sizes when the tile is not a valid model input.
+  """
+  tile = tuple(config.tile_size)
+  if len(tile) != 2:
+    raise ValueError(f"data.tile_size must be (height, width), got {tile}")
+  try:
+    output_hw = geometry.check_shape(*tile)
+  except ValueError as error:
+    raise ValueError(f"data.tile_size {tile} is not a valid model input: {error}") from None
+  return tile, output_hw
+
+
+def _window(array: np.ndarray, top: int, left: int, height: int, width: int, **pad
+            ) -> np.ndarray:
+  """``array[top:top + height, left:left + width]``, padded (``np.pad(**pad)``) where the
+  window leaves the array."""
+  rows, cols = array.shape[:2]
+  before = (max(-top, 0), max(-left, 0))
+  after = (max(top + height - rows, 0), max(left + width - cols, 0))
+  if any(before) or any(after):
+    widths = ((before[0], after[0]), (before[1], after[1])) + ((0, 0),) * (array.ndim - 2)
+    array = np.pad(array, widths, **pad)
+    top, left = top + before[0], left + before[1]
+  return array[top:top + height, left:left + width]
 
 
 def cut_tile(example: dict[str, np.ndarray], top: int, left: int, *,
              input_hw: tuple[int, int], output_hw: tuple[int, int]) -> dict[str, np.ndarray]:
   """The input window around the output window at ``(top, left)`` (mirror-padded), and the
-  label and weight cut to the output window (padded with ``IGNORE`` / 0 beyond the image)."""
-  image, label = example["image"], example["label"]
-  height, width = label.shape
-  (m_top, m_bottom), (m_left, m_right) = (crop_offsets(i, o) for i, o in zip(input_hw, output_hw))
-  # Pad enough for any window position, including images smaller than the output window.
-  pad_h = max(0, output_hw[0] - height)
-  pad_w = max(0, output_hw[1] - width)
-  padded = np.pad(image, ((m_top, m_bottom + pad_h), (m_left, m_right + pad_w), (0, 0)),
-                  mode="symmetric")
-  tile = {"image": padded[top:top + input_hw[0], left:left + input_hw[1]]}
-  spatial = ((0, pad_h), (0, pad_w))
-  tile["label"] = np.pad(label, spatial, constant_values=IGNORE)[
-      top:top + output_hw[0], left:left + output_hw[1]]
+  label and weight cut to the output window (padded with ``IGNORE`` / 0 beyond the image).
+  ``top`` and ``left`` may be negative or put the window past the far edges."""
+  (m_top, _), (m_left, _) = (crop_offsets(i, o) for i, o in zip(input_hw, output_hw))
+  tile = {"image": _window(example["image"], top - m_top, left - m_left, *input_hw,
+                           mode="symmetric")}
+  tile["label"] = _window(example["label"], top, left, *output_hw, constant_values=IGNORE)
   if "weight" in example:
-    tile["weight"] = np.pad(example["weight"], spatial)[
-        top:top + output_hw[0], left:left + output_hw[1]]
+    tile["weight"] = _window(example["weight"], top, left, *output_hw, constant_values=0)
   return tile
 
 
 def random_tile(example: dict[str, np.ndarray], rng: np.random.Generator, *,
-                input_hw: tuple[int, int], output_hw: tuple[int, int],
-                flip: bool = True, rotate: bool = True) -> dict[str, np.ndarray]:
-  """A random overlap tile, randomly flipped and rotated by multiples of 90°."""
+                input_hw: tuple[int, int], output_hw: tuple[int, int], flip: bool = True,
+                rotate: bool = True, shift: int = 0, elastic: bool = False,
+                elastic_sigma: float = 10.0, elastic_grid: int = 3, brightness: float = 0.0,
+                contrast: float = 0.0) -> dict[str, np.ndarray]:
+  """A random overlap tile of ``example``, augmented (the keywords are ``data.augment``).
+
+  The output window lies anywhere in the image, and up to ``shift`` px beyond its edges
+  (whose labels are ``IGNORE``); then, as enabled: elastic deformation (σ =
+  ``elastic_sigma`` px on an ``elastic_grid``² grid), a mirror, rotations by 90°, brightness
+  and contrast jitter (see :mod:`unet_jax.data.augment`).
+  """
   height, width = example["label"].shape
-  top = int(rng.integers(0, max(height - output_hw[0], 0) + 1))
-  left = int(rng.integers(0, max(width - output_hw[1], 0) + 1))
-  tile = cut_tile(example, top, left, input_hw=input_hw, output_hw=output_hw)
-  if flip and rng.random() < 0.5:
-    tile = {k: v[:, ::-1] for k, v in tile.items()}
-  if rotate and input_hw[0] == input_hw[1]:
-    turns = int(rng.integers(0, 4))
-    tile = {k: np.rot90(v, turns, axes=(0, 1)) for k, v in tile.items()}
+  top = int(rng.integers(-shift, max(height - output_hw[0], 0) + shift + 1))
+  left = int(rng.integers(-shift, max(width - output_hw[1], 0) + shift + 1))
+  if elastic:
+    field = augment.displacement_field(rng, input_hw, sigma=elastic_sigma, grid=elastic_grid)
+    m = augment.field_margin(field)
+    # Growing both windows by 2m keeps them centered on each other (same crop offsets).
+    window = cut_tile(example, top - m, left - m, input_hw=(input_hw[0] + 2 * m,
+                                                            input_hw[1] + 2 * m),
+                      output_hw=(output_hw[0] + 2 * m, output_hw[1] + 2 * m))
+    tile = augment.elastic_deform(window, field, margin=m, output_hw=output_hw)
+  else:
+    tile = cut_tile(example, top, left, input_hw=input_hw, output_hw=output_hw)
+  tile = augment.flip_rotate(tile, rng, flip=flip, rotate=rotate)
+  tile["image"] = augment.jitter(tile["image"], rng, brightness=brightness, contrast=contrast)
   return {k: np.ascontiguousarray(v) for k, v in tile.items()}
 
 
-def center_tile(example: dict[str, np.ndarray], *, input_hw, output_hw) -> dict[str, np.ndarray]:
+def covering_tiles(example: dict[str, np.ndarray], *, input_hw, output_hw
+                   ) -> list[dict[str, np.ndarray]]:
+  """Tiles whose output windows cover every pixel of ``example`` exactly once, in rows (the
+  last row and column reach past the far edges, where the labels are ``IGNORE``)."""
   height, width = example["label"].shape
-  top, left = max(height - output_hw[0], 0) // 2, max(width - output_hw[1], 0) // 2
-  return cut_tile(example, top, left, input_hw=input_hw, output_hw=output_hw)
+  return [cut_tile(example, top, left, input_hw=input_hw, output_hw=output_hw)
+          for top in range(0, height, output_hw[0]) for left in range(0, width, output_hw[1])]
 
 
-def _with_weight_map(config: ml_collections.ConfigDict):
-  def add(example):
-    label = example["label"]
-    weight = weight_map(label, w0=config.w0, sigma=config.sigma, foreground=config.foreground)
+class WithWeightMap:
+  """``source``'s examples with the paper's ``weight`` map of their whole label added.
+
+  The map depends only on the label, so it is computed once per example and kept for later
+  epochs (for the first ``cache_size`` examples seen; in each worker process).
+  """
+
+  def __init__(self, source, config: ml_collections.ConfigDict, *, cache_size: int = 256):
+    self.source, self.config, self.cache_size = source, config, cache_size
+    self._cache: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    example = self.source[index]
+    weight = self._cache.get(index)
+    if weight is None:
+      weight = weight_map(example["label"], w0=self.config.w0, sigma=self.config.sigma,
+                          foreground=self.config.foreground)
+      if len(self._cache) < self.cache_size:
+        self._cache[index] = weight
     return {**example, "weight": weight}
-  return add
+
+  def __repr__(self) -> str:
+    return f"WithWeightMap({self.source!r})"
+
+
+def _source(config: ml_collections.ConfigDict, split: str):
+  source = make_source(config, split)
+  return WithWeightMap(source, config.weight_map) if config.weight_map.enabled else source
 
 
 def train_dataset(config: ml_collections.ConfigDict, *, input_hw, output_hw, local_batch: int,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """Batches of random tiles for this process; ``dataset[step]`` is step ``step``'s batch."""
-  dataset = grain.MapDataset.source(make_source(config, "train"))
-  if config.weight_map.enabled:
-    dataset = dataset.map(_with_weight_map(config.weight_map))
+  dataset = grain.MapDataset.source(_source(config, "train"))
   dataset = dataset.seed(config.seed).shuffle().repeat(None)
-  dataset = dataset[process_index::process_count]
-  augment = config.augment
+  options = config.augment.to_dict()
   dataset = dataset.random_map(
       lambda example, rng: random_tile(example, rng, input_hw=input_hw, output_hw=output_hw,
-                                       flip=augment.flip, rotate=augment.rotate))
-  return dataset.batch(local_batch, drop_remainder=True)
+                                       **options))
+  # Global batch s is examples [s·G, (s+1)·G); process p takes its contiguous part
+  # [s·G + p·L, s·G + (p+1)·L). The global batches, and the augmentation (seeded by the global
+  # index), do not depend on how many processes share them; each reads only its own part.
+  dataset = dataset.batch(local_batch, drop_remainder=True)
+  return dataset[process_index::process_count]
 
 
 def train_iterator(dataset: grain.MapDataset, config: ml_collections.ConfigDict,
                    state: dict[str, Any] | None = None) -> grain.DatasetIterator:
-  """A prefetching iterator over ``dataset``; ``state`` (from ``get_state``) resumes it."""
+  """A prefetching iterator over ``dataset``; ``state`` (from ``get_state``) resumes it.
+
+  ``config.num_threads`` threads prepare tiles; with ``config.num_workers > 0`` that many
+  worker processes do (each with those threads), which sidesteps the GIL for the
+  augmentation. The iterator's state depends on ``num_workers``: resume with the same value.
+  """
   options = grain.ReadOptions(num_threads=config.num_threads,
                               prefetch_buffer_size=config.prefetch)
-  iterator = iter(dataset.to_iter_dataset(options))
+  dataset = dataset.to_iter_dataset(options)
+  num_workers = config.get("num_workers", 0)
+  if num_workers:
+    _parse_grain_flags()
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  iterator = iter(dataset)
   if state is not None:
     iterator.set_state(state)
   return iterator
 
 
+def _parse_grain_flags() -> None:
+  """grain's worker processes read absl flags, which only ``app.run`` parses; outside it (in a
+  notebook, a test, a benchmark) take their defaults."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def eval_batches(config: ml_collections.ConfigDict, *, input_hw, output_hw, local_batch: int,
                  process_index: int = 0, process_count: int = 1
                  ) -> Iterator[dict[str, np.ndarray]]:
-  """Center tiles of every validation image, this process's share, in fixed-size batches.
+  """Tiles covering every validation image (:func:`covering_tiles`), this process's share
+  (every ``process_count``-th tile), in fixed-size batches made as they are needed.
 
   The last batch is filled with copies whose labels are ``IGNORE``, so every process runs
-  the same number of identical-shape steps and nothing is counted twice.
+  the same number of identical-shape steps and nothing is counted twice. With several
+  processes, the number of tiles is counted first from every image's size.
   """
-  source = make_source(config, "validation")
-  if config.weight_map.enabled:
-    source = grain.MapDataset.source(source).map(_with_weight_map(config.weight_map))
-  indices = list(range(len(source)))[process_index::process_count]
-  per_process = -(-len(source) // process_count)
-  num_batches = -(-per_process // local_batch)
-  tiles = [center_tile(source[i], input_hw=input_hw, output_hw=output_hw) for i in indices]
-  for b in range(num_batches):
-    chunk = tiles[b * local_batch:(b + 1) * local_batch]
-    filler = {**tiles[0], "label": np.full_like(tiles[0]["label"], IGNORE)}
-    chunk += [filler] * (local_batch - len(chunk))
+  source = _source(config, "validation")
+  tiles = (tile for i in range(len(source))
+           for tile in covering_tiles(source[i], input_hw=input_hw, output_hw=output_hw))
+  mine = itertools.islice(tiles, process_index, None, process_count)
+  num_batches = None
+  if process_count > 1:
+    labels = source.source if isinstance(source, WithWeightMap) else source
+    total = sum(len(range(0, h, output_hw[0])) * len(range(0, w, output_hw[1]))
+                for h, w in (labels[i]["label"].shape for i in range(len(labels))))
+    num_batches = math.ceil(math.ceil(total / process_count) / local_batch)
+  filler, produced = None, 0
+  while num_batches is None or produced < num_batches:
+    chunk = list(itertools.islice(mine, local_batch))
+    if not chunk and num_batches is None:
+      return
+    if len(chunk) < local_batch:
+      if filler is None:
+        first = chunk[0] if chunk else covering_tiles(source[0], input_hw=input_hw,
+                                                      output_hw=output_hw)[0]
+        filler = {**first, "label": np.full_like(first["label"], IGNORE)}
+      chunk += [filler] * (local_batch - len(chunk))
     yield {k: np.stack([t[k] for t in chunk]) for k in chunk[0]}
+    produced += 1
