@@ -239,8 +239,10 @@ def cut_tiles(image: np.ndarray, plans: Sequence[AxisPlan], positions: list[tupl
 
 def _check_image(image: np.ndarray, channels: int) -> np.ndarray:
   image = image[..., None] if image.ndim == 2 else image
-  if image.ndim != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+  if image.ndim != 3:
     raise ValueError(f"expected an image [H, W] or [H, W, C], got shape {image.shape}")
+  if image.shape[0] < 1 or image.shape[1] < 1:
+    raise ValueError(f"the image is empty (shape {image.shape}); it needs at least 1×1 pixels")
   if image.shape[-1] != channels:
     raise ValueError(f"this U-Net takes {channels} channel(s), the image has "
                      f"{image.shape[-1]} (shape {image.shape}); see match_channels")
