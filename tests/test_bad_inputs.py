@@ -23,7 +23,7 @@ from unet_jax.model import milesial, paper, walkthrough
 
 ROOT = pathlib.Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
-from configs import default  # noqa: E402
+from test_train import tiny_config as _tiny  # noqa: E402
 
 TINY = dict(features=(4, 8, 16))
 
@@ -112,17 +112,6 @@ def test_converter_cli_reports_an_unwritable_output(tmp_path):
 
 
 # Training configuration and data --------------------------------------------------------------
-
-def _tiny(**changes):
-  config = default.get_config("tiny")
-  for key, value in changes.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
-
 
 def _no_partial_checkpoints(workdir):
   checkpoints = pathlib.Path(workdir) / "checkpoints"
