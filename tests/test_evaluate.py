@@ -8,7 +8,7 @@ import tifffile
 from flax import nnx
 from PIL import Image
 
-from unet_jax import convert, evaluate, metrics, predict
+from unet_jax import convert, evaluate, images, metrics, predict
 from unet_jax.model import UNet
 
 
@@ -86,6 +86,6 @@ def test_palette_masks_are_read_as_their_indices(tmp_path):
   mask.putdata(indices.reshape(-1).tolist())
   mask.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
   mask.save(tmp_path / "m.png")
-  (page,) = predict.read_image(tmp_path / "m.png", mask=True)
+  (page,) = images.read_image(tmp_path / "m.png", mask=True)
   np.testing.assert_array_equal(evaluate.mask_to_classes(page, 3), indices)
-  assert predict.read_image(tmp_path / "m.png")[0].shape == (2, 2, 3)  # as an image: colours
+  assert images.read_image(tmp_path / "m.png")[0].shape == (2, 2, 3)  # as an image: colours

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from unet_jax import convert, predict
+from unet_jax import convert, images, predict
 from unet_jax.model import UNet
 
 FEATURES = (4, 8, 16)
@@ -173,13 +173,13 @@ def test_bad_images_and_tiles_are_explained():
 
 def test_channel_conversion():
   rgba = np.random.rand(5, 6, 4).astype(np.float32)
-  np.testing.assert_array_equal(predict.match_channels(rgba, 3), rgba[..., :3])
-  gray = predict.match_channels(rgba[..., :3], 1)
+  np.testing.assert_array_equal(images.match_channels(rgba, 3), rgba[..., :3])
+  gray = images.match_channels(rgba[..., :3], 1)
   np.testing.assert_allclose(gray[..., 0], rgba[..., :3] @ [0.299, 0.587, 0.114], rtol=1e-6)
-  np.testing.assert_array_equal(predict.match_channels(rgba[..., 0], 3),
+  np.testing.assert_array_equal(images.match_channels(rgba[..., 0], 3),
                                 np.repeat(rgba[..., :1], 3, -1))
   with pytest.raises(ValueError, match="x.tif has 5 channel"):
-    predict.match_channels(np.zeros((2, 2, 5)), 3, name="x.tif")
+    images.match_channels(np.zeros((2, 2, 5)), 3, name="x.tif")
 
 
 def write_inputs(folder):

@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from unet_jax import metrics, predict
+from unet_jax import images, metrics, predict
 
 
 def parse_mask_map(text: str) -> dict[int, int]:
@@ -83,10 +83,10 @@ def _some(values) -> str:
 def find_mask(image: pathlib.Path, masks: pathlib.Path) -> pathlib.Path:
   """The file in ``masks`` with the stem of ``image``."""
   found = [p for p in sorted(masks.glob(f"{image.stem}.*"))
-           if p.suffix.lower() in predict.IMAGE_SUFFIXES]
+           if p.suffix.lower() in images.IMAGE_SUFFIXES]
   if not found:
     raise FileNotFoundError(f"no mask for {image.name} in {masks} (expected {image.stem} with "
-                            f"one of {', '.join(predict.IMAGE_SUFFIXES)})")
+                            f"one of {', '.join(images.IMAGE_SUFFIXES)})")
   return found[0]
 
 
@@ -94,14 +94,14 @@ def evaluate_file(model, image_path: pathlib.Path, mask_path: pathlib.Path, *,
                   mask_map: dict[int, int] | None = None, foreground: int = 1,
                   **options) -> dict[str, tuple[dict[str, float], np.ndarray]]:
   """``{page name: (metrics, confusion matrix)}`` for every page of an image file."""
-  pages, labels = predict.read_image(image_path), predict.read_image(mask_path, mask=True)
+  pages, labels = images.read_image(image_path), images.read_image(mask_path, mask=True)
   if len(pages) != len(labels):
     raise ValueError(f"{image_path} has {len(pages)} page(s), its mask {mask_path} "
                      f"{len(labels)}")
   results = {}
-  for name, page, label in zip(predict.page_names(image_path.stem, len(pages)), pages, labels):
-    image = predict.match_channels(predict.to_float(page, name=str(image_path)),
-                                   model.in_channels, name=str(image_path))
+  for name, page, label in zip(images.page_names(image_path.stem, len(pages)), pages, labels):
+    image = images.match_channels(images.to_float(page, name=str(image_path)),
+                                  model.in_channels, name=str(image_path))
     label = mask_to_classes(label, model.num_classes, mask_map, name=str(mask_path))
     if label.shape != image.shape[:2]:
       raise ValueError(f"{mask_path} is {label.shape[0]}×{label.shape[1]} but {image_path} is "
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
   masks = pathlib.Path(args.masks)
   try:
     mask_map = parse_mask_map(args.mask_map) if args.mask_map else None
-    images, unsupported = predict.list_images(args.images)
+    image_paths, unsupported = images.list_images(args.images)
     if not masks.is_dir():
       raise FileNotFoundError(f"the masks folder {masks} does not exist")
   except (OSError, ValueError) as error:
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
   model = predict.load_for_cli(parser, args.checkpoint)
   failures = {str(p): "unsupported file type" for p in unsupported}
   rows, total = {}, np.zeros((model.num_classes,) * 2, np.int64)
-  for path in images:
+  for path in image_paths:
     try:
       results = evaluate_file(model, path, find_mask(path, masks), mask_map=mask_map,
                               foreground=args.foreground, tile_size=args.tile_size,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -36,14 +35,12 @@ from flax import nnx
 
 from unet_jax import parallel
 from unet_jax.geometry import Geometry, crop_offsets
+from unet_jax.images import (IMAGE_SUFFIXES, class_mask, list_images, match_channels,
+                             overlay, page_names, read_image, to_float)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_OUTPUT = 388  # the paper's output tile
 # Default tile outputs: a few sizes only, so a folder of odd-sized images compiles few shapes.
 _OUTPUT_LADDER = (64, 128, 256, DEFAULT_OUTPUT)
-# Class colours of the overlay (class 0 is left uncoloured).
-_PALETTE = np.array([(0, 0, 0), (255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0),
-                     (200, 64, 255), (0, 220, 220), (255, 128, 0)], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,42 +135,6 @@ def predict_tiles(graphdef: nnx.GraphDef, state: nnx.State, tiles: jax.Array, *,
     y = jax.nn.softmax(model(x[:, :, ::-1] if flip else x), axis=-1)
     total = total + jnp.rot90(y[:, :, ::-1] if flip else y, -turns, axes=(1, 2))
   return total / len(transforms)
-
-
-def to_float(image: np.ndarray, *, name: str = "image") -> np.ndarray:
-  """``image`` as float32: unsigned integers scaled to ``[0, 1]`` (uint8 / 255, as the
-  training data), floats kept; NaN or infinite values are an error."""
-  image = np.asarray(image)
-  if image.dtype == bool or np.issubdtype(image.dtype, np.unsignedinteger):
-    scale = 1 if image.dtype == bool else np.iinfo(image.dtype).max
-    return image.astype(np.float32) / np.float32(scale)
-  if not np.issubdtype(image.dtype, np.floating):
-    raise ValueError(f"{name}: unsupported pixel type {image.dtype}; give uint8, uint16 or "
-                     f"floats in [0, 1]")
-  image = image.astype(np.float32)
-  bad = np.count_nonzero(~np.isfinite(image))
-  if bad:
-    raise ValueError(f"{name} has {bad} NaN or infinite value(s) out of {image.size}; the "
-                     f"network needs finite pixels")
-  return image
-
-
-def match_channels(image: np.ndarray, channels: int, *, name: str = "image") -> np.ndarray:
-  """``[H, W, channels]`` from ``[H, W]`` or ``[H, W, C]``: drops an alpha channel (C = 2
-  or 4), turns RGB into gray (ITU-R 601 luma) or repeats gray over the channels."""
-  image = image[..., None] if image.ndim == 2 else image
-  have = image.shape[-1]
-  if have != channels and have in (2, 4):
-    image, have = image[..., :-1], have - 1
-  if have == channels:
-    return image
-  if have == 1:
-    return np.repeat(image, channels, axis=-1)
-  if have == 3 and channels == 1:
-    luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return luma[..., None]
-  raise ValueError(f"{name} has {image.shape[-1]} channel(s) and the model takes {channels}; "
-                   f"only gray, gray+alpha, RGB and RGBA images can be converted")
 
 
 def _mirror(index: np.ndarray, size: int) -> np.ndarray:
@@ -296,77 +257,6 @@ class _Stitcher:
     (cy, cx), (h, w) = (p.context for p in self.plans), self.image_hw
     total = self.total[cy:cy + h, cx:cx + w]
     return total / self.weight[cy:cy + h, cx:cx + w, None] if self.blend else total
-
-
-def read_image(path: str | os.PathLike, *, mask: bool = False) -> list[np.ndarray]:
-  """The pages of an image file as arrays ``[H, W]`` or ``[H, W, C]`` (one page, except for
-  multi-page TIFFs, which need ``tifffile``). A palette image gives its colours, or with
-  ``mask`` its palette indices."""
-  path = pathlib.Path(path)
-  if path.suffix.lower() not in IMAGE_SUFFIXES:
-    raise ValueError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; supported: "
-                     f"{', '.join(IMAGE_SUFFIXES)}")
-  if path.suffix.lower() in (".tif", ".tiff"):
-    try:
-      import tifffile
-    except ImportError:
-      raise ImportError(f"{path}: reading TIFF files needs tifffile (pip install "
-                        f"tifffile)") from None
-    with tifffile.TiffFile(path) as tif:
-      pages = [page.asarray() for page in tif.pages]
-    # Planar TIFFs store [C, H, W].
-    return [p.transpose(1, 2, 0) if p.ndim == 3 and p.shape[0] <= 4 < p.shape[-1] else p
-            for p in pages]
-  from PIL import Image
-  with Image.open(path) as picture:
-    if picture.mode in ("P", "PA") and not mask:
-      picture = picture.convert("RGBA" if "transparency" in picture.info else "RGB")
-    elif picture.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
-      picture = picture.convert("L" if picture.mode == "1" else "RGB")
-    array = np.asarray(picture)
-  if array.dtype == np.int32:  # 16-bit PNGs may open as 32-bit integers
-    if array.min() < 0 or array.max() > 65535:
-      raise ValueError(f"{path}: 32-bit integer pixels outside 0..65535 are not supported")
-    array = array.astype(np.uint16)
-  return [array.astype(array.dtype.newbyteorder("="))]
-
-
-def list_images(path: str | os.PathLike) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
-  """``(images, unsupported)``: a file, or the files of a folder (not recursive, hidden
-  files skipped); ``ValueError`` when there is no image at all."""
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist")
-  files = [path] if path.is_file() else sorted(
-      p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-  images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-  if not images:
-    found = f"; found {', '.join(p.name for p in files[:5])}" if files else ""
-    raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}{found}")
-  return images, [p for p in files if p not in images]
-
-
-def page_names(stem: str, count: int) -> list[str]:
-  """``stem`` for a one-page file, ``stem_page000``, ``stem_page001``, ... otherwise."""
-  return [stem] if count == 1 else [f"{stem}_page{i:03d}" for i in range(count)]
-
-
-def class_mask(classes: np.ndarray, num_classes: int) -> np.ndarray:
-  """The PNG we write for a ``[H, W]`` class map: 0/255 for two classes (the convention of
-  binary masks), class ids (uint8, or uint16 past 256 classes) otherwise."""
-  if num_classes == 2:
-    return (classes * 255).astype(np.uint8)
-  return classes.astype(np.uint8 if num_classes <= 256 else np.uint16)
-
-
-def overlay(image: np.ndarray, classes: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
-  """uint8 ``[H, W, 3]``: the (contrast-stretched, gray) image with classes ≥ 1 tinted."""
-  gray = image.mean(axis=-1) if image.ndim == 3 else image
-  gray = (gray - gray.min()) / max(float(gray.max() - gray.min()), 1e-6)
-  rgb = np.repeat(gray[..., None] * 255, 3, axis=-1)
-  colour = _PALETTE[(classes - 1) % (len(_PALETTE) - 1) + 1]
-  tinted = np.where((classes > 0)[..., None], (1 - alpha) * rgb + alpha * colour, rgb)
-  return tinted.round().astype(np.uint8)
 
 
 def predict_file(model: nnx.Module, path: pathlib.Path, output: pathlib.Path, *,
