@@ -247,9 +247,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                process_index=jax.process_index(), process_count=jax.process_count())
   dataset = pipeline.train_dataset(config.data, **share)
   iterator = pipeline.train_iterator(dataset, config.data, data_state)
-  eval_batches = lambda: pipeline.eval_batches(config.data, **share)
-  evaluate_now = lambda state: evaluate(p_eval, state, eval_batches(), mesh,
-                                       config.data.class_names)
+  eval_batches = lambda: list(pipeline.eval_batches(config.data, **share))
+  evaluate_now = lambda state, batches: evaluate(p_eval, state, batches, mesh,
+                                                 config.data.class_names)
   reporter = Reporter(workdir, config, kwargs, start_step=start)
 
   previous, final = None, {}
@@ -266,8 +266,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stopping = stop.requested()
         if step % config.eval_every == 0 or step == config.num_steps:
           check_finite(step, measurements)
-          final = evaluate_now(state)
-          reporter.eval(step, final, state, p_predict, eval_batches(), mesh)
+          batches = eval_batches()
+          final = evaluate_now(state, batches)
+          reporter.eval(step, final, state, p_predict, batches, mesh)
           checkpointer.save(step, state, iterator.get_state(), final)
         elif step % config.checkpoint.every == 0 or stopping:
           check_finite(step, measurements)
@@ -277,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            f"{checkpointer.directory}; run the same command to resume")
           return final
     if not final:  # resumed at or past the last step: report where the run stands
-      final = evaluate_now(state)
+      final = evaluate_now(state, eval_batches())
   finally:
     checkpointer.close()
     reporter.close()
