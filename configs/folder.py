@@ -44,7 +44,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.features = (16, 32, 64, 128, 256)
   config.model.dropout = 0.0
   config.model.remat = False
-  config.model.dtype = None
+  config.model.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "folder"

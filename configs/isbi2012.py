@@ -58,7 +58,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.features = (64, 128, 256, 512, 1024)
   config.model.dropout = 0.5
   config.model.remat = False
-  config.model.dtype = None
+  config.model.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "isbi2012"

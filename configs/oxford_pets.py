@@ -44,7 +44,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.features = (32, 64, 128, 256, 512)
   config.model.dropout = 0.0
   config.model.remat = False
-  config.model.dtype = None  # "bfloat16" on GPUs and TPUs
+  config.model.dtype = "float32"  # "bfloat16" on GPUs and TPUs
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "tfds"
