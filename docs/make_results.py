@@ -66,8 +66,8 @@ def main() -> None:
     panels.append((example["image"][..., 0], example["label"], predicted))
   seconds = time.perf_counter() - start
   summary = metrics.summarize(confusion, class_names=("membrane", "cell"))
-  print(f"| pixel error | Rand error | membrane IoU | hold-out slices | prediction time |")
-  print(f"| --- | --- | --- | --- | --- |")
+  print("| pixel error | Rand error | membrane IoU | hold-out slices | prediction time |")
+  print("| --- | --- | --- | --- | --- |")
   print(f"| {summary['pixel_error']:.4f} | {np.nanmean(rand):.4f} | "
         f"{summary['iou_membrane']:.4f} | {len(holdout)} | {seconds:.1f} s |")
 

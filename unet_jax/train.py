@@ -9,9 +9,7 @@ the global batch, reduce gradients, losses, metrics and BatchNorm statistics ove
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
-import time
 from typing import Any
 
 import flax.struct
