@@ -1,0 +1,5 @@
+"""unet-jax: the U-Net of Ronneberger et al. (2015) in JAX and Flax NNX."""
+
+from unet_jax import xla_defaults
+
+xla_defaults.apply()

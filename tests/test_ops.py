@@ -1,0 +1,158 @@
+"""Tests for ``unet_jax.ops``: the same values and gradients as the ``lax`` formulations."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from unet_jax import ops, xla_defaults
+
+
+def _normal(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _lax_conv(x, k, padding):
+  return lax.conv_general_dilated(x, k, (1, 1), padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _value_and_grads(conv, x, k, g, padding):
+  y, pullback = jax.vjp(lambda x, k: conv(x, k, padding), x, k)
+  return (y, *pullback(g))
+
+
+# (batch, height, width, in, out, kernel, padding): deep-end shapes (few rows per output
+# channel) take the dot-based input gradient, shallow ones XLA's; non-square, odd and
+# asymmetric padding included.
+CONV_CASES = [
+    (2, 6, 5, 8, 32, 3, ((0, 0), (0, 0))),
+    (1, 7, 9, 4, 16, 3, ((1, 1), (1, 1))),
+    (2, 6, 6, 3, 24, 3, ((2, 0), (1, 2))),
+    (3, 5, 4, 6, 40, 1, ((0, 0), (0, 0))),
+    (2, 20, 18, 4, 4, 3, ((0, 0), (0, 0))),
+    (2, 16, 12, 5, 3, 3, ((1, 1), (1, 1))),
+]
+
+
+@pytest.mark.parametrize("n,h,w,c,o,ks,padding", CONV_CASES)
+def test_conv_matches_lax_values_and_gradients(n, h, w, c, o, ks, padding):
+  x, k = _normal((n, h, w, c), 0), _normal((ks, ks, c, o), 1)
+  out = (h + sum(padding[0]) - ks + 1, w + sum(padding[1]) - ks + 1)
+  g = _normal((n, *out, o), 2)
+  want = jax.jit(lambda x, k, g: _value_and_grads(_lax_conv, x, k, g, padding))(x, k, g)
+  got = jax.jit(lambda x, k, g: _value_and_grads(
+      lambda x, k, p: ops.conv_general_dilated(x, k, (1, 1), p), x, k, g, padding))(x, k, g)
+  for a, b in zip(got, want):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial,channels,dot", [(4, 64, True), (12, 4, False)])
+def test_input_gradient_formulation_follows_the_rows_per_channel(spatial, channels, dot):
+  x, k = _normal((1, spatial, spatial, 8), 0), _normal((3, 3, 8, channels), 1)
+  text = jax.jit(jax.grad(lambda x: ops.conv_general_dilated(
+      x, k, (1, 1), ((0, 0), (0, 0))).sum())).lower(x).as_text()
+  # 2×2 output pixels for 64 channels: the product; 10×10 for 4: XLA's own convolution.
+  assert ("dot_general" in text) == dot
+
+
+def test_conv_in_bfloat16_keeps_the_dtype():
+  x, k = _normal((2, 6, 6, 4), 0).astype(jnp.bfloat16), _normal((3, 3, 4, 32), 1)
+  k = k.astype(jnp.bfloat16)
+  grads = jax.grad(lambda x, k: ops.conv_general_dilated(
+      x, k, (1, 1), ((0, 0), (0, 0))).astype(jnp.float32).sum(), argnums=(0, 1))(x, k)
+  assert [a.dtype for a in grads] == [jnp.bfloat16, jnp.bfloat16]
+  want = jax.grad(lambda x: _lax_conv(x.astype(jnp.float32), k.astype(jnp.float32),
+                                      "VALID").sum())(x)
+  np.testing.assert_allclose(grads[0].astype(jnp.float32), want, rtol=0.05, atol=0.1)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(window_strides=(2, 2), padding="VALID"),
+    dict(window_strides=(1, 1), padding="SAME"),
+    dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), rhs_dilation=(2, 2)),
+])
+def test_conv_other_calls_go_to_lax(kwargs):
+  x, k = _normal((1, 9, 9, 2), 0), _normal((3, 3, 2, 3), 1)
+  want = lax.conv_general_dilated(x, k, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs)
+  got = ops.conv_general_dilated(x, k, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_conv_through_nnx_conv_matches_the_default_module():
+  ours = nnx.Conv(3, 5, (3, 3), padding="VALID", rngs=nnx.Rngs(0),
+                  conv_general_dilated=ops.conv_general_dilated)
+  plain = nnx.Conv(3, 5, (3, 3), padding="VALID", rngs=nnx.Rngs(0))
+  x = _normal((2, 8, 7, 3), 0)
+  np.testing.assert_allclose(ours(x), plain(x), rtol=1e-6, atol=1e-6)
+  grad = lambda m: nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m)
+  np.testing.assert_allclose(grad(ours)["kernel"][...], grad(plain)["kernel"][...],
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 4), (1, 1, 1, 2, 3)])
+def test_up_conv_matches_conv_transpose(shape):
+  n, h, w, c, o = shape
+  x, k = _normal((n, h, w, c), 0), _normal((2, 2, c, o), 1)
+  g = _normal((n, 2 * h, 2 * w, o), 2)
+  transpose = lambda x, k: lax.conv_transpose(x, k, (2, 2), "VALID",
+                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  want_y, want_pull = jax.vjp(transpose, x, k)
+  got_y, got_pull = jax.vjp(ops.up_conv_2x2, x, k)
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+  for a, b in zip(got_pull(g), want_pull(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2), (1, 1, 5, 1)])
+def test_max_pool_matches_reduce_window(shape):
+  x = _normal(shape, 0)
+  want_y, want_pull = jax.vjp(lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2)), x)
+  got_y, got_pull = jax.vjp(ops.max_pool_2x2, x)
+  np.testing.assert_array_equal(got_y, want_y)
+  g = _normal(want_y.shape, 1)
+  np.testing.assert_array_equal(got_pull(g)[0], want_pull(g)[0])
+
+
+def _flags_after_import(env):
+  code = ("import os, unet_jax, jax; from unet_jax import xla_defaults; jax.devices(); "
+          "print(os.environ.get('XLA_FLAGS', '')); print(xla_defaults.applied())")
+  env = {**os.environ, **env}
+  env.pop("UNET_JAX_XLA_DEFAULTS", None) if env.get("UNET_JAX_XLA_DEFAULTS") == "" else None
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, timeout=120)
+  return out.stdout.splitlines()
+
+
+@pytest.mark.skipif(xla_defaults._jaxlib_version() < (0, 10),
+                    reason="jaxlib < 0.10 has no YNNPACK fusions, so nothing is set")
+def test_xla_defaults_are_set_on_import_and_can_be_declined():
+  flags, applied = _flags_after_import({"XLA_FLAGS": "--xla_cpu_enable_fast_math=false",
+                                        "UNET_JAX_XLA_DEFAULTS": ""})
+  assert flags == "--xla_cpu_enable_fast_math=false " + xla_defaults.FLAG and applied == "True"
+  flags, applied = _flags_after_import({"XLA_FLAGS": "", "UNET_JAX_XLA_DEFAULTS": "0"})
+  assert flags == "" and applied == "False"
+  mine = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
+  flags, applied = _flags_after_import({"XLA_FLAGS": mine, "UNET_JAX_XLA_DEFAULTS": ""})
+  assert flags == mine and applied == "False"
+
+
+@pytest.mark.skipif(xla_defaults._jaxlib_version() < (0, 10),
+                    reason="jaxlib < 0.10 has no YNNPACK fusions")
+def test_xla_defaults_keep_convolutions_on_the_eigen_path():
+  code = ("import unet_jax, jax, jax.numpy as jnp\n"
+          "f = jax.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'VALID',"
+          " dimension_numbers=('NHWC', 'HWIO', 'NHWC')))\n"
+          "print('ynn' in f.lower(jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4)))"
+          ".compile().as_text())")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "UNET_JAX_XLA_DEFAULTS")}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, timeout=120)
+  assert out.stdout.strip() == "False"
