@@ -9,7 +9,9 @@ backend is slow on the plain one. ``docs/performance.md`` has the measurements b
   input gradient is, on CPU and for layers with few pixels per output channel (the deep end of
   the U-Net), one matrix product followed by a scatter of its columns (col2im). XLA's own input
   gradient transposes and flips the whole kernel first, which on a 3×3×1024×1024 kernel costs
-  more than the convolution. Everything else, and every other backend, goes to ``lax``.
+  more than the convolution. The kernel gradient of a padded convolution is taken as the
+  unpadded one of the padded input (the same sums, up to twice as fast on CPU). Everything
+  else, and every other backend, goes to ``lax``.
 * ``up_conv_2x2``: the 2×2, stride-2 transposed convolution as one matrix product and a
   reshape. The windows do not overlap, so nothing is summed; XLA's ``conv_transpose`` gradient
   is a dilated convolution that the CPU backend runs 20–40 times slower.
@@ -40,7 +42,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   """``jax.lax.conv_general_dilated`` with a faster gradient for stride-1 2-D convolutions.
 
   Takes the same arguments. Calls that are not a stride-1, undilated, ungrouped 2-D
-  convolution in NHWC/HWIO layout with explicit padding, or that pass extra keyword
+  convolution in NHWC/HWIO layout, or that pass extra keyword
   arguments, go to ``lax`` unchanged.
   """
   call_lax = functools.partial(
@@ -51,7 +53,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   kwargs = {k: v for k, v in kwargs.items() if v is not None}
   if (kwargs or lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1
       or batch_group_count != 1 or preferred_element_type is not None
-      or tuple(window_strides) != (1, 1) or isinstance(padding, str)
+      or tuple(window_strides) != (1, 1)
       or any(d not in (None, 1, (1, 1)) and tuple(d) != (1, 1)
              for d in (lhs_dilation, rhs_dilation))):
     return call_lax(**kwargs)
@@ -59,6 +61,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
     return call_lax()
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   return _conv(lhs, rhs, padding, precision)
 
@@ -79,14 +83,19 @@ def _conv_fwd(x, kernel, padding, precision):
 
 def _conv_bwd(padding, precision, residuals, g):
   x, kernel = residuals
-  _, pullback = jax.vjp(lambda x, k: _lax_conv(x, k, padding, precision), x, kernel)
+  # The kernel gradient of a padded convolution is the unpadded one of the padded input:
+  # the same sums, which XLA's CPU backend computes up to twice as fast.
+  padded = jnp.pad(x, ((0, 0), *padding, (0, 0))) if any(map(any, padding)) else x
+  valid = ((0, 0), (0, 0))
+  kernel_grad = jax.vjp(lambda k: _lax_conv(padded, k, valid, precision), kernel)[1](g)[0]
+  xla_input_grad = lambda x, kernel, g: jax.vjp(
+      lambda x: _lax_conv(x, kernel, padding, precision), x)[1](g)[0]
   rows = g.shape[0] * g.shape[1] * g.shape[2]
   if rows > DOT_INPUT_GRAD_MAX_ROWS_PER_CHANNEL * g.shape[3]:
-    return pullback(g)
-  kernel_grad = jax.vjp(lambda k: _lax_conv(x, k, padding, precision), kernel)[1](g)[0]
+    return xla_input_grad(x, kernel, g), kernel_grad
   input_grad = lax.platform_dependent(
       x, kernel, g, cpu=functools.partial(_input_grad_dot, padding=padding, precision=precision),
-      default=lambda x, kernel, g: pullback(g)[0])
+      default=xla_input_grad)
   return input_grad, kernel_grad
 
 
