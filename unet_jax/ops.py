@@ -122,8 +122,11 @@ def up_conv_2x2(x: jax.Array, kernel: jax.Array, *, precision=None) -> jax.Array
   is ``x[i, j] @ kernel[1 - a, 1 - b]``.
   """
   n, h, w, _ = x.shape
-  y = lax.dot_general(x, kernel[::-1, ::-1], (((3,), (2,)), ((), ())), precision=precision)
-  return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, kernel.shape[-1])
+  y = lax.dot_general(x, kernel, (((3,), (2,)), ((), ())), precision=precision)
+  # y[..., a, b, :] holds kernel[a, b]'s contribution, which lands at offset (1 - a, 1 - b):
+  # flip the two small axes here, where the result is copied anyway, not the kernel.
+  return y[:, :, :, ::-1, ::-1].transpose(0, 1, 3, 2, 4, 5).reshape(
+      n, 2 * h, 2 * w, kernel.shape[-1])
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
