@@ -10,8 +10,10 @@ For each preset and width, both frameworks get the same architecture (``--widths
 64..1024, ``16`` is 16..256), the same initial weights (copied from the Flax model and checked
 by comparing eval-mode logits), the same input and labels, and SGD with momentum 0.99 on the
 pixel-wise cross-entropy. After warm-up the two are timed in turns (JAX repeat, PyTorch
-repeat, JAX repeat, ...), so that load from elsewhere on the machine hits both alike; the
-table shows medians. ``ratio`` is JAX time / PyTorch time: above 1, JAX is slower.
+repeat, JAX repeat, ...), so that load from elsewhere on the machine hits both alike; each
+repeat makes one untimed call (the switch from the other framework lands there) and then
+times ``--iters`` calls. The table shows medians. ``ratio`` is JAX time / PyTorch time:
+above 1, JAX is slower.
 
 * JAX's training step is the package's own: ``unet_jax.train.train_step`` wrapped by
   ``parallel.data_parallel`` on a one-device mesh, with the state donated, which is what
@@ -189,6 +191,12 @@ class TorchRunner:
 # --- measuring --------------------------------------------------------------------------
 
 def _seconds(fn, iters: int) -> float:
+  """Seconds per call over ``iters`` calls, after one untimed call.
+
+  The untimed call absorbs the switch from the other framework (its threads going idle, the
+  caches refilled with this one's data), which would otherwise land on every timed step.
+  """
+  fn()
   start = time.perf_counter()
   for _ in range(iters):
     fn()
@@ -337,7 +345,8 @@ def parse_args(argv=None):
                       "smallest the paper's network takes)")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5, help="timed repeats per framework")
-  parser.add_argument("--iters", type=int, default=1, help="steps per timed repeat")
+  parser.add_argument("--iters", type=int, default=2,
+                      help="timed steps per repeat, after one untimed step")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
   parser.add_argument("--in-channels", type=int, default=1)
   parser.add_argument("--num-classes", type=int, default=2)
