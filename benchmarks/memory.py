@@ -72,22 +72,36 @@ def compile_step(options: dict, size: int, batch: int, mesh) -> dict:
   return {"batch": batch, "compile_s": seconds, **figures}
 
 
-def largest_batch(options: dict, size: int, budget: int, mesh, one: dict, two: dict) -> dict:
-  """The largest batch whose compiled peak fits ``budget`` bytes: a linear fit, then checked
-  (and walked down if the fit was optimistic)."""
+def largest_batch(options: dict, size: int, budget: int, mesh, one: dict, two: dict,
+                  max_steps_up: int = 8) -> dict:
+  """The largest batch whose compiled peak fits ``budget`` bytes: a linear fit, then checked,
+  walked down if the fit was optimistic and up if it was pessimistic (memory is not exactly
+  linear in the batch: some gradients change formulation with the number of pixels)."""
   per_example = two["peak_bytes"] - one["peak_bytes"]
   fixed = one["peak_bytes"] - per_example
-  batch = max(int((budget - fixed) // max(per_example, 1)), 0)
   devices = mesh.devices.size
+  batch = max(int((budget - fixed) // max(per_example, 1)), 0)
   batch -= batch % devices
+  found, above = None, None
   while batch > 0:
     check = compile_step(options, size, batch, mesh)
     if check["peak_bytes"] <= budget:
-      return {"batch": batch, "peak_bytes": check["peak_bytes"], "per_example_bytes":
-              per_example, "fixed_bytes": fixed, "budget_bytes": budget}
+      found = (batch, check["peak_bytes"])
+      break
+    above = check["peak_bytes"]
     batch -= devices
-  return {"batch": 0, "per_example_bytes": per_example, "fixed_bytes": fixed,
-          "budget_bytes": budget}
+  if found is None:
+    return {"batch": 0, "per_example_bytes": per_example, "fixed_bytes": fixed,
+            "budget_bytes": budget, "next_peak_bytes": above}
+  if above is None:  # the fit may have been pessimistic: walk up until a batch does not fit
+    for _ in range(max_steps_up):
+      check = compile_step(options, size, found[0] + devices, mesh)
+      if check["peak_bytes"] > budget:
+        above = check["peak_bytes"]
+        break
+      found = (found[0] + devices, check["peak_bytes"])
+  return {"batch": found[0], "peak_bytes": found[1], "per_example_bytes": per_example,
+          "fixed_bytes": fixed, "budget_bytes": budget, "next_peak_bytes": above}
 
 
 def device_budget() -> int | None:

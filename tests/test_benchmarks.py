@@ -115,8 +115,8 @@ def test_memory_script_finds_the_largest_batch(tmp_path):
   assert one["temp"] > 0 and one["peak_bytes"] >= one["temp"]
   assert fit["budget_bytes"] == int(0.005 * 2**30)
   assert fit["batch"] >= 1 and fit["peak_bytes"] <= fit["budget_bytes"]
-  # One more example would not fit (the fit is linear in the batch).
-  assert fit["peak_bytes"] + fit["per_example_bytes"] > fit["budget_bytes"]
+  # The next batch up was compiled and does not fit.
+  assert fit["next_peak_bytes"] > fit["budget_bytes"]
 
 
 def test_cpu_ops_script_checks_and_times_each_op(tmp_path):
