@@ -57,24 +57,21 @@ class BatchNorm(nnx.Module):
     self.use_running_average = False
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
     if self.use_running_average:
-      mean, var = self.mean[...], self.var[...]
-    else:
-      count = x.shape[0] * x.shape[1] * x.shape[2]
-      mean = x32.mean(axis=(0, 1, 2))
-      if self.axis_name is not None:
-        mean = jax.lax.pmean(mean, self.axis_name)
-        count = count * jax.lax.psum(1, self.axis_name)
-      var = jnp.square(x32 - mean).mean(axis=(0, 1, 2))
-      if self.axis_name is not None:
-        var = jax.lax.pmean(var, self.axis_name)
-      unbiased = var * count / max(count - 1, 1) if isinstance(count, int) else (
-          var * count / jnp.maximum(count - 1, 1))
-      m = self.momentum
-      self.mean[...] = m * self.mean[...] + (1 - m) * mean
-      self.var[...] = m * self.var[...] + (1 - m) * unbiased
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...] + self.bias[...]
+      x32 = x.astype(jnp.float32)
+      y = (x32 - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.epsilon)
+      y = y * self.scale[...] + self.bias[...]
+      return y.astype(self.dtype or x.dtype)
+    y, mean, var = ops.batch_norm_train(x, self.scale[...], self.bias[...],
+                                        epsilon=self.epsilon, axis_name=self.axis_name)
+    count = x.shape[0] * x.shape[1] * x.shape[2]
+    if self.axis_name is not None:
+      count = count * jax.lax.psum(1, self.axis_name)
+    unbiased = var * count / max(count - 1, 1) if isinstance(count, int) else (
+        var * count / jnp.maximum(count - 1, 1))
+    m = self.momentum
+    self.mean[...] = m * self.mean[...] + (1 - m) * mean
+    self.var[...] = m * self.var[...] + (1 - m) * unbiased
     return y.astype(self.dtype or x.dtype)
 
 

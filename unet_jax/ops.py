@@ -15,8 +15,11 @@ backend is slow on the plain one. ``docs/performance.md`` has the measurements b
 * ``up_conv_2x2``: the 2×2, stride-2 transposed convolution as one matrix product and a
   reshape. The windows do not overlap, so nothing is summed; XLA's ``conv_transpose`` gradient
   is a dilated convolution that the CPU backend runs 20–40 times slower.
-* ``max_pool_2x2``: 2×2 max-pooling as a reshape and a max, which XLA fuses with its gradient,
-  instead of ``reduce_window`` with a ``select_and_scatter`` gradient.
+* ``max_pool_2x2``: 2×2 max-pooling as a reshape and a max, with a custom gradient (to the
+  first maximum of each window, as in PyTorch) that is one elementwise pass, instead of
+  ``reduce_window`` with a ``select_and_scatter`` gradient.
+* ``batch_norm_train``: training-mode batch normalisation with its closed-form gradient (two
+  sums and one elementwise pass) instead of what automatic differentiation derives.
 """
 
 from __future__ import annotations
@@ -132,10 +135,107 @@ def up_conv_2x2(x: jax.Array, kernel: jax.Array, *, precision=None) -> jax.Array
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2×2 max-pooling with stride 2 of ``[N, H, W, C]``; an odd last row or column is dropped.
 
-  The values equal ``nnx.max_pool(x, (2, 2), strides=(2, 2))``. The gradient goes to the
-  maximum of each window, shared equally between exact ties; behind a ReLU the only likely
-  ties are zeros, which the ReLU gives no gradient anyway.
+  The values equal ``nnx.max_pool(x, (2, 2), strides=(2, 2))``, and the gradient goes to the
+  first maximum of each window in row-major order, as in PyTorch's ``max_pool2d``.
   """
   n, h, w, c = x.shape
-  x = x[:, :h - h % 2, :w - w % 2]
-  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return _max_pool_2x2(x[:, :h - h % 2, :w - w % 2])
+
+
+def _windows(x):
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def _max_pool_2x2(x):
+  return _windows(x).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+  # The barrier makes the maximum and the backward pass's comparison read the same bits:
+  # otherwise XLA may fuse x's producer into both and round them differently, and a window
+  # whose maximum no longer compares equal would lose its gradient.
+  x = lax.optimization_barrier(x)
+  out = _windows(x).max(axis=(2, 4))
+  return out, (x, out)
+
+
+def _max_pool_bwd(residuals, g):
+  x, out = residuals
+  hit = _windows(x) == out[:, :, None, :, None, :]
+  h00, h01, h10, h11 = (hit[:, :, a, :, b] for a in (0, 1) for b in (0, 1))
+  # The first maximum in row-major window order takes the gradient, as in PyTorch.
+  top = jnp.stack([h00, h01 & ~h00], axis=3)
+  bottom = jnp.stack([h10 & ~(h00 | h01), h11 & ~(h00 | h01 | h10)], axis=3)
+  mask = jnp.stack([top, bottom], axis=2)
+  dx = jnp.where(mask, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+  return (dx.reshape(x.shape),)
+
+
+_max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float,
+                     axis_name: str | None = None):
+  """Training-mode batch normalisation over ``N, H, W``, with a hand-written gradient.
+
+  Returns ``(y, mean, var)``: ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` in
+  float32, and the batch mean and biased variance (reduced over ``axis_name`` as well when it
+  is given: synchronised BatchNorm). ``mean`` and ``var`` are for the running statistics and
+  carry no gradient; differentiate through ``y`` only.
+
+  Automatic differentiation of the textbook formula reads the activations several times in
+  the backward pass, through the mean's and the variance's paths separately. The gradient
+  here is the closed form, two sums and one elementwise pass:
+  ``dx = scale / σ · (dy − mean(dy) − x̂ · mean(dy · x̂))`` with the means over the whole
+  (synchronised) batch.
+  """
+  return _batch_norm(x, scale, bias, epsilon, axis_name)
+
+
+def _batch_norm_stats(x32, axis_name):
+  mean = x32.mean(axis=(0, 1, 2))
+  if axis_name is not None:
+    mean = lax.pmean(mean, axis_name)
+  var = jnp.square(x32 - mean).mean(axis=(0, 1, 2))
+  if axis_name is not None:
+    var = lax.pmean(var, axis_name)
+  return mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm(x, scale, bias, epsilon, axis_name):
+  return _batch_norm_fwd(x, scale, bias, epsilon, axis_name)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
+  x32 = x.astype(jnp.float32)
+  mean, var = _batch_norm_stats(x32, axis_name)
+  inv = lax.rsqrt(var + epsilon)
+  xhat = (x32 - mean) * inv
+  y = xhat * scale + bias
+  return (y, lax.stop_gradient(mean), lax.stop_gradient(var)), (xhat.astype(x.dtype), inv,
+                                                                scale)
+
+
+def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
+  del epsilon
+  xhat, inv, scale = residuals
+  dy = cotangents[0].astype(jnp.float32)  # mean and var carry no gradient (see docstring)
+  # The barrier keeps XLA's algebraic simplifier from rewriting sum(dy · x̂) through
+  # x̂ = (x − mean) / σ into sum(dy · x) − mean · sum(dy), which cancels catastrophically
+  # when a channel's mean is large against its spread.
+  xhat = lax.optimization_barrier(xhat)
+  dtype, xhat = xhat.dtype, xhat.astype(jnp.float32)
+  sum_dy = dy.sum(axis=(0, 1, 2))
+  sum_dy_xhat = (dy * xhat).sum(axis=(0, 1, 2))
+  count = xhat.shape[0] * xhat.shape[1] * xhat.shape[2]
+  mean_dy, mean_dy_xhat = sum_dy / count, sum_dy_xhat / count
+  if axis_name is not None:
+    mean_dy, mean_dy_xhat = lax.pmean((mean_dy, mean_dy_xhat), axis_name)
+  dx = (inv * scale) * (dy - mean_dy - xhat * mean_dy_xhat)
+  return dx.astype(dtype), sum_dy_xhat.astype(scale.dtype), sum_dy.astype(scale.dtype)
+
+
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
