@@ -8,6 +8,8 @@ Times, at the shapes where each matters in the U-Net's train step (batch 2, 188�
 * the 2×2 up-convolution's forward and backward pass: ``lax.conv_transpose`` against
   ``ops.up_conv_2x2``;
 * 2×2 max-pooling's forward and backward pass: ``nnx.max_pool`` against ``ops.max_pool_2x2``;
+* training-mode BatchNorm's forward and backward pass: automatic differentiation of the
+  formula against ``ops.batch_norm_train``;
 * a deep 3×3 convolution's input gradient: XLA's against ``ops.conv_general_dilated``'s
   (one product, then col2im);
 * a padded 3×3 convolution's kernel gradient: XLA's against the unpadded gradient of the
@@ -54,9 +56,11 @@ def _normal(rng, shape):
 
 
 def _forward_backward(fn):
+  """The forward pass and the pullback of a fixed pseudo-random cotangent (not ones: with
+  ones, BatchNorm's input gradient is zero up to rounding and compares as noise)."""
   def run(*args):
     out, pullback = jax.vjp(fn, *args)
-    return out, pullback(jnp.ones_like(out))
+    return out, pullback(jax.random.normal(jax.random.key(0), out.shape, out.dtype))
   return jax.jit(run)
 
 
@@ -89,6 +93,19 @@ def op_cases(tiny: bool, repeats: int) -> list[dict]:
     plain = _forward_backward(lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2)))
     rows.append(_compare("2×2 max-pool, forward + backward", list(shape), plain,
                          _forward_backward(ops.max_pool_2x2), (x,), repeats))
+  norms = [(2, 8, 8, 4)] if tiny else [(2, 186, 186, 16), (2, 186, 186, 64)]
+  for shape in norms:
+    x, scale, bias = _normal(rng, shape), _normal(rng, shape[-1:]), _normal(rng, shape[-1:])
+
+    def plain_bn(x, scale, bias):
+      mean = x.mean(axis=(0, 1, 2))
+      var = jnp.square(x - mean).mean(axis=(0, 1, 2))
+      return (x - mean) * lax.rsqrt(var + 1e-5) * scale + bias
+
+    ours_bn = lambda x, scale, bias: ops.batch_norm_train(x, scale, bias, epsilon=1e-5)[0]
+    rows.append(_compare("BatchNorm (training), forward + backward", list(shape),
+                         _forward_backward(plain_bn), _forward_backward(ours_bn),
+                         (x, scale, bias), repeats))
   deep = [(2, 6, 6, 8, 32)] if tiny else [(2, 12, 12, 1024, 1024), (2, 20, 20, 512, 512),
                                            (2, 24, 24, 256, 512)]
   for n, h, w, c, o in deep:
