@@ -45,8 +45,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   """``jax.lax.conv_general_dilated`` with a faster gradient for stride-1 2-D convolutions.
 
   Takes the same arguments. Calls that are not a stride-1, undilated, ungrouped 2-D
-  convolution in NHWC/HWIO layout, or that pass extra keyword
-  arguments, go to ``lax`` unchanged.
+  convolution in NHWC/HWIO layout, or that pass extra keyword arguments, go to ``lax``
+  unchanged.
   """
   call_lax = functools.partial(
       lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -109,9 +109,12 @@ def _input_grad_dot(x, kernel, g, *, padding, precision):
   """Input gradient of a stride-1 NHWC/HWIO convolution: one product, then col2im."""
   n, ho, wo, o = g.shape
   kh, kw, c, _ = kernel.shape
+  # Accumulate in float32 (as XLA's convolutions do), also for bf16 inputs.
   columns = lax.dot_general(g.reshape(-1, o), kernel.reshape(-1, o), (((1,), (1,)), ((), ())),
-                            precision=precision).reshape(n, ho, wo, kh, kw, c)
-  padded = sum(jnp.pad(columns[:, :, :, a, b], ((0, 0), (a, kh - 1 - a), (b, kw - 1 - b), (0, 0)))
+                            precision=precision, preferred_element_type=jnp.float32)
+  columns = columns.reshape(n, ho, wo, kh, kw, c)
+  padded = sum(jnp.pad(columns[:, :, :, a, b],
+                       ((0, 0), (a, kh - 1 - a), (b, kw - 1 - b), (0, 0)))
                for a in range(kh) for b in range(kw))
   (top, _), (left, _) = padding
   return lax.dynamic_slice(padded, (0, top, left, 0), x.shape).astype(x.dtype)
