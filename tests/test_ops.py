@@ -136,8 +136,7 @@ def test_max_pool_matches_reduce_window(shape):
 def _flags_after_import(env):
   code = ("import os, unet_jax, jax; from unet_jax import xla_defaults; jax.devices(); "
           "print(os.environ.get('XLA_FLAGS', '')); print(xla_defaults.applied())")
-  env = {**os.environ, **env}
-  env.pop("UNET_JAX_XLA_DEFAULTS", None) if env.get("UNET_JAX_XLA_DEFAULTS") == "" else None
+  env = {k: v for k, v in {**os.environ, **env}.items() if v != ""}  # "" unsets a variable
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True, timeout=120)
   return out.stdout.splitlines()
