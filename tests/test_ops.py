@@ -42,6 +42,11 @@ CONV_CASES = [
     (2, 16, 12, 5, 3, 3, ((1, 1), (1, 1))),
     (2, 6, 7, 5, 30, 3, "SAME"),
     (1, 5, 6, 3, 20, 3, "VALID"),
+    # One or two input channels: the forward pass is reformulated on CPU.
+    (2, 9, 7, 1, 16, 3, ((0, 0), (0, 0))),
+    (1, 8, 10, 1, 5, 3, ((2, 0), (1, 2))),
+    (2, 7, 6, 2, 8, 3, "SAME"),
+    (1, 6, 9, 2, 4, 1, ((0, 0), (0, 0))),
 ]
 
 
@@ -67,6 +72,31 @@ def test_input_gradient_formulation_follows_the_rows_per_channel(spatial, channe
       x, k, (1, 1), ((0, 0), (0, 0))).sum())).lower(x).as_text()
   # 2×2 output pixels for 64 channels: the product; 10×10 for 4: XLA's own convolution.
   assert ("dot_general" in text) == dot
+
+
+@pytest.mark.parametrize("channels,formulation", [
+    (1, "no convolution"), (3, "a 1×3 convolution over 9 channels"), (5, "XLA's convolution")])
+def test_narrow_input_forward_formulation(channels, formulation):
+  x, k = _normal((2, 10, 8, channels), 0), _normal((3, 3, channels, 16), 1)
+  if jax.default_backend() != "cpu":
+    pytest.skip("the reformulation is for the CPU backend only")
+  text = jax.jit(lambda x: ops.conv_general_dilated(x, k, (1, 1), "VALID")).lower(x).as_text()
+  convolutions = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+  if formulation == "no convolution":
+    assert not convolutions
+  else:
+    kernel = "1x3x9x16" if channels == 3 else "3x3x5x16"
+    assert len(convolutions) == 1 and f"tensor<{kernel}xf32>" in convolutions[0]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_narrow_input_conv_in_bfloat16_keeps_the_dtype_and_accumulates_in_float32(channels):
+  x = _normal((1, 12, 12, channels), 0).astype(jnp.bfloat16)
+  k = _normal((3, 3, channels, 8), 1).astype(jnp.bfloat16)
+  got = ops.conv_general_dilated(x, k, (1, 1), "VALID")
+  assert got.dtype == jnp.bfloat16
+  want = _lax_conv(x.astype(jnp.float32), k.astype(jnp.float32), "VALID")
+  np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.02, atol=0.05)
 
 
 def test_conv_in_bfloat16_keeps_the_dtype():
