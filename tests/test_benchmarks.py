@@ -124,3 +124,31 @@ def test_cpu_ops_script_checks_and_times_each_op(tmp_path):
   ops_timed = {row["op"] for row in result["rows"]}
   assert len(ops_timed) == 7
   assert all(row["lax_ms"] > 0 and row["unet_jax_ms"] > 0 for row in result["rows"])
+
+
+def test_conv_layers_finds_every_convolution_of_the_model():
+  from conv_layers import conv_layers
+
+  layers = conv_layers("walkthrough", 4, 2, 44, 2, 1)
+  # Two per level on the way down (3 levels) and two per level on the way up (2 levels).
+  assert len(layers) == 10
+  assert layers[0] == {"input": [2, 44, 44, 1], "kernel": [3, 3, 1, 4],
+                       "padding": [[0, 0], [0, 0]]}
+  assert layers[4]["input"] == [2, 8, 8, 8] and layers[4]["kernel"] == [3, 3, 8, 16]
+  # The walkthrough pads its decoder: "SAME" arrives as a string and is resolved.
+  assert all(layer["padding"] == [[1, 1], [1, 1]] for layer in layers[6:])
+  paper = conv_layers("paper", 4, 2, 60, 1, 3)
+  assert len(paper) == 10 and paper[-1]["input"] == [1, 22, 22, 4]  # 60 → … → 20
+  assert all(layer["padding"] == [[0, 0], [0, 0]] for layer in paper)
+
+
+def test_conv_layers_script_times_both_frameworks(tmp_path):
+  pytest.importorskip("torch")
+  report = _run("conv_layers", "--width", "4", "--depth", "1", "--size", "24", "--repeats",
+                "2", tmp_path=tmp_path)
+  assert len(report["layers"]) == 6
+  for row in report["layers"]:
+    for side in ("jax", "torch"):
+      assert all(row[side][name] > 0 for name in ("forward", "input_grad", "weight_grad"))
+  assert report["totals"]["jax"]["forward"] == pytest.approx(
+      sum(row["jax"]["forward"] for row in report["layers"]))

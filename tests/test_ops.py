@@ -42,6 +42,9 @@ CONV_CASES = [
     (2, 16, 12, 5, 3, 3, ((1, 1), (1, 1))),
     (2, 6, 7, 5, 30, 3, "SAME"),
     (1, 5, 6, 3, 20, 3, "VALID"),
+    # At most half a row per output channel: the kernel gradient is a product on CPU.
+    (1, 4, 5, 8, 64, 3, ((0, 0), (0, 0))),
+    (2, 3, 4, 6, 48, 3, ((1, 0), (2, 1))),
     # One or two input channels: the forward pass is reformulated on CPU.
     (2, 9, 7, 1, 16, 3, ((0, 0), (0, 0))),
     (1, 8, 10, 1, 5, 3, ((2, 0), (1, 2))),
@@ -97,6 +100,29 @@ def test_narrow_input_conv_in_bfloat16_keeps_the_dtype_and_accumulates_in_float3
   assert got.dtype == jnp.bfloat16
   want = _lax_conv(x.astype(jnp.float32), k.astype(jnp.float32), "VALID")
   np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("spatial,dot", [(4, True), (12, False)])
+def test_kernel_gradient_formulation_follows_the_rows_per_channel(spatial, dot):
+  if jax.default_backend() != "cpu":
+    pytest.skip("the product is for the CPU backend only")
+  x, k = _normal((1, spatial, spatial, 8), 0), _normal((3, 3, 8, 64), 1)
+  text = jax.jit(jax.grad(lambda k: ops.conv_general_dilated(
+      x, k, (1, 1), ((0, 0), (0, 0))).sum())).lower(k).as_text()
+  # 2×2 output pixels for 64 channels: the product; 10×10 (100 > 32): XLA's convolution.
+  convolutions = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+  assert bool(convolutions) != dot
+
+
+def test_kernel_gradient_product_in_bfloat16_keeps_the_dtype():
+  x = _normal((1, 4, 4, 8), 0).astype(jnp.bfloat16)
+  k = _normal((3, 3, 8, 64), 1).astype(jnp.bfloat16)
+  grad = jax.grad(lambda k: ops.conv_general_dilated(
+      x, k, (1, 1), "VALID").astype(jnp.float32).sum())(k)
+  assert grad.dtype == jnp.bfloat16
+  want = jax.grad(lambda k: _lax_conv(x.astype(jnp.float32), k, "VALID").sum())(
+      k.astype(jnp.float32))
+  np.testing.assert_allclose(grad.astype(jnp.float32), want, rtol=0.02, atol=0.05)
 
 
 def test_conv_in_bfloat16_keeps_the_dtype():

@@ -9,8 +9,11 @@ backend is slow on the plain one. ``docs/performance.md`` has the measurements b
   input gradient is, on CPU and for layers with few pixels per output channel (the deep end of
   the U-Net), one matrix product followed by a scatter of its columns (col2im). XLA's own input
   gradient transposes and flips the whole kernel first, which on a 3×3×1024×1024 kernel costs
-  more than the convolution. The kernel gradient of a padded convolution is taken as the
-  unpadded one of the padded input (the same sums, up to twice as fast on CPU). On CPU, the
+  more than the convolution. Where the rows are fewer still (the bottleneck), the kernel
+  gradient is one product too, of the stacked windows with the output gradient, which writes
+  the kernel's layout directly instead of transposing XLA's result. Otherwise, the kernel
+  gradient of a padded convolution is taken as the unpadded one of the padded input (the
+  same sums, up to twice as fast on CPU). On CPU, the
   forward pass of a convolution with one to four input channels (the first layer) is
   reformulated too: XLA's convolution kernels take 2–4 times longer there than on the
   equivalent elementwise sum or stacked-rows convolution. Everything else, and every other
@@ -37,6 +40,11 @@ from jax import lax
 # a transposed, flipped copy of the kernel. Measured on CPU, the product wins while the rows
 # (batch × output pixels) are at most about three times the output channels.
 DOT_INPUT_GRAD_MAX_ROWS_PER_CHANNEL = 3
+# The kernel gradient as one product of the stacked windows (``rows × kh·kw·C_in``) with the
+# output gradient writes the kernel's layout directly; XLA's writes it transposed and copies
+# it back, which dominates for the deepest layers. Measured on CPU, the product wins while the
+# rows are at most half the output channels.
+DOT_KERNEL_GRAD_MAX_ROWS_PER_CHANNEL = 0.5
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -125,10 +133,17 @@ def _conv_bwd(padding, precision, residuals, g):
   # the same sums, which XLA's CPU backend computes up to twice as fast.
   padded = jnp.pad(x, ((0, 0), *padding, (0, 0))) if any(map(any, padding)) else x
   valid = ((0, 0), (0, 0))
-  kernel_grad = jax.vjp(lambda k: _lax_conv(padded, k, valid, precision), kernel)[1](g)[0]
+  xla_kernel_grad = lambda padded, kernel, g: jax.vjp(
+      lambda k: _lax_conv(padded, k, valid, precision), kernel)[1](g)[0]
+  rows = g.shape[0] * g.shape[1] * g.shape[2]
+  if rows <= DOT_KERNEL_GRAD_MAX_ROWS_PER_CHANNEL * g.shape[3]:
+    kernel_grad = lax.platform_dependent(
+        padded, kernel, g, cpu=functools.partial(_kernel_grad_dot, precision=precision),
+        default=xla_kernel_grad)
+  else:
+    kernel_grad = xla_kernel_grad(padded, kernel, g)
   xla_input_grad = lambda x, kernel, g: jax.vjp(
       lambda x: _lax_conv(x, kernel, padding, precision), x)[1](g)[0]
-  rows = g.shape[0] * g.shape[1] * g.shape[2]
   if rows > DOT_INPUT_GRAD_MAX_ROWS_PER_CHANNEL * g.shape[3]:
     return xla_input_grad(x, kernel, g), kernel_grad
   input_grad = lax.platform_dependent(
@@ -138,6 +153,19 @@ def _conv_bwd(padding, precision, residuals, g):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _kernel_grad_dot(padded, kernel, g, *, precision):
+  """Kernel gradient of a stride-1, unpadded NHWC/HWIO convolution: im2col, then one product."""
+  n, ho, wo, o = g.shape
+  kh, kw, c, _ = kernel.shape
+  windows = jnp.concatenate([padded[:, a:a + ho, b:b + wo] for a in range(kh)
+                             for b in range(kw)], axis=-1)  # channels (a, b, c): HWIO order
+  rows = n * ho * wo
+  grad = lax.dot_general(windows.reshape(rows, kh * kw * c), g.reshape(rows, o),
+                         (((0,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+  return grad.reshape(kernel.shape).astype(kernel.dtype)
 
 
 def _input_grad_dot(x, kernel, g, *, padding, precision):
