@@ -14,6 +14,10 @@ Times, at the shapes where each matters in the U-Net's train step (batch 2, 188�
   (one product, then col2im);
 * a padded 3×3 convolution's kernel gradient: XLA's against the unpadded gradient of the
   padded input;
+* a bottleneck 3×3 convolution's kernel gradient: XLA's against one product of the stacked
+  windows;
+* the forward pass of a 3×3 convolution of a one-channel image (the first layer): XLA's
+  against the elementwise sum of shifted copies;
 * XLA's own forward and weight gradient of an unpadded 3×3 convolution, in a fresh process
   with and without ``unet_jax.xla_defaults`` (``UNET_JAX_XLA_DEFAULTS=0``).
 
@@ -137,6 +141,23 @@ def op_cases(tiny: bool, repeats: int) -> list[dict]:
     rows.append(_compare("3×3 padded convolution, kernel gradient", [n, h, w, c, o],
                          grad(lax.conv_general_dilated), grad(ops.conv_general_dilated),
                          (x, k, g), repeats))
+  bottleneck = [(2, 5, 5, 8, 32)] if tiny else [(2, 6, 6, 1024, 1024), (2, 10, 10, 256, 512)]
+  for n, h, w, c, o in bottleneck:
+    x, k = _normal(rng, (n, h, w, c)), _normal(rng, (3, 3, c, o))
+    g = _normal(rng, (n, h - 2, w - 2, o))
+    grad = lambda conv: jax.jit(lambda x, k, g: jax.vjp(
+        lambda k: conv(x, k, (1, 1), "VALID", dimension_numbers=NHWC), k)[1](g))
+    rows.append(_compare("3×3 convolution, kernel gradient", [n, h, w, c, o],
+                         grad(lax.conv_general_dilated), grad(ops.conv_general_dilated),
+                         (x, k, g), repeats))
+  first = [(2, 12, 12, 1, 4)] if tiny else [(2, 188, 188, 1, 16), (2, 188, 188, 1, 64)]
+  for n, h, w, c, o in first:
+    x, k = _normal(rng, (n, h, w, c)), _normal(rng, (3, 3, c, o))
+    forward = lambda conv: jax.jit(lambda x, k: conv(x, k, (1, 1), "VALID",
+                                                     dimension_numbers=NHWC))
+    rows.append(_compare("3×3 convolution, forward (first layer)", [n, h, w, c, o],
+                         forward(lax.conv_general_dilated), forward(ops.conv_general_dilated),
+                         (x, k), repeats))
   return rows
 
 

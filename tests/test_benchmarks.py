@@ -122,7 +122,7 @@ def test_memory_script_finds_the_largest_batch(tmp_path):
 def test_cpu_ops_script_checks_and_times_each_op(tmp_path):
   result = _run("cpu_ops", "--tiny", "--repeats", "2", tmp_path=tmp_path)
   ops_timed = {row["op"] for row in result["rows"]}
-  assert len(ops_timed) == 7
+  assert len(ops_timed) == 9
   assert all(row["lax_ms"] > 0 and row["unet_jax_ms"] > 0 for row in result["rows"])
 
 

@@ -13,11 +13,10 @@ backend is slow on the plain one. ``docs/performance.md`` has the measurements b
   gradient is one product too, of the stacked windows with the output gradient, which writes
   the kernel's layout directly instead of transposing XLA's result. Otherwise, the kernel
   gradient of a padded convolution is taken as the unpadded one of the padded input (the
-  same sums, up to twice as fast on CPU). On CPU, the
-  forward pass of a convolution with one to four input channels (the first layer) is
-  reformulated too: XLA's convolution kernels take 2–4 times longer there than on the
-  equivalent elementwise sum or stacked-rows convolution. Everything else, and every other
-  backend, goes to ``lax``.
+  same sums, up to twice as fast on CPU). On CPU, the forward pass of a convolution of a
+  one-channel image (the first layer, for greyscale input) is an elementwise sum of shifted
+  copies, 3–4 times faster than XLA's convolution. Everything else, and every other backend,
+  goes to ``lax``.
 * ``up_conv_2x2``: the 2×2, stride-2 transposed convolution as one matrix product and a
   reshape. The windows do not overlap, so nothing is summed; XLA's ``conv_transpose`` gradient
   is a dilated convolution that the CPU backend runs 20–40 times slower.
@@ -86,36 +85,27 @@ def _lax_conv(x, kernel, padding, precision):
                                   precision=precision)
 
 
-# Up to this many input channels, the forward convolution is reformulated on CPU (see
-# ``_narrow_input_conv``): XLA's convolution kernels are slowest with very few input channels.
-NARROW_INPUT_MAX_CHANNELS = 4
-
-
 def _forward(x, kernel, padding, precision):
-  if x.shape[-1] > NARROW_INPUT_MAX_CHANNELS:
+  if x.shape[-1] != 1:
     return _lax_conv(x, kernel, padding, precision)
   return lax.platform_dependent(
-      x, kernel, cpu=functools.partial(_narrow_input_conv, padding=padding, precision=precision),
+      x, kernel, cpu=functools.partial(_single_channel_conv, padding=padding),
       default=functools.partial(_lax_conv, padding=padding, precision=precision))
 
 
-def _narrow_input_conv(x, kernel, *, padding, precision):
-  """A convolution with few input channels (an image's 1–4), as XLA's CPU backend runs it fast.
+def _single_channel_conv(x, kernel, *, padding):
+  """A convolution of a one-channel image as the sum of its shifted, scaled copies.
 
-  One channel: the sum of the kernel's shifted, scaled copies of the image (one elementwise
-  pass). Two to four: the rows of each window stacked on the channel axis, then a 1×kw
-  convolution over ``kh·C_in`` channels. Both accumulate in float32.
+  One elementwise pass, accumulated in float32: XLA's CPU convolution kernels take 3–4 times
+  longer on a single input channel. (With two or more channels neither this nor other
+  formulations won reliably, so those go to ``lax``.)
   """
-  kh, kw, c, o = kernel.shape
+  kh, kw = kernel.shape[:2]
   x = jnp.pad(x, ((0, 0), *padding, (0, 0))) if any(map(any, padding)) else x
   h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  if c == 1:
-    x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
-    y = sum(x32[:, a:a + h, b:b + w] * k32[a, b, 0] for a in range(kh) for b in range(kw))
-    return y.astype(jnp.result_type(x, kernel))
-  rows = jnp.concatenate([x[:, a:a + h] for a in range(kh)], axis=-1)  # channels (a, c)
-  kernel = kernel.transpose(1, 0, 2, 3).reshape(1, kw, kh * c, o)  # [1, b, (a, c), o]
-  return _lax_conv(rows, kernel, ((0, 0), (0, 0)), precision)
+  x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
+  y = sum(x32[:, a:a + h, b:b + w] * k32[a, b, 0] for a in range(kh) for b in range(kw))
+  return y.astype(jnp.result_type(x, kernel))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
