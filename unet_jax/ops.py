@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from unet_jax import native
+
 # The dot-based input gradient pays for a ``rows × kh·kw·C_in`` intermediate; XLA's pays for
 # a transposed, flipped copy of the kernel. Measured on CPU, the product wins while the rows
 # (batch × output pixels) are at most about three times the output channels.
@@ -86,11 +88,36 @@ def _lax_conv(x, kernel, padding, precision):
 
 
 def _forward(x, kernel, padding, precision):
-  if x.shape[-1] != 1:
-    return _lax_conv(x, kernel, padding, precision)
-  return lax.platform_dependent(
-      x, kernel, cpu=functools.partial(_single_channel_conv, padding=padding),
-      default=functools.partial(_lax_conv, padding=padding, precision=precision))
+  xla = functools.partial(_lax_conv, padding=padding, precision=precision)
+  n, h, w, c = x.shape
+  kh, kw, _, o = kernel.shape
+  rows = n * (h + sum(padding[0]) - kh + 1) * (w + sum(padding[1]) - kw + 1)
+  if c == 1:
+    cpu = functools.partial(_single_channel_conv, padding=padding)
+  elif _use_native(kernel, rows, o, x, kernel):
+    cpu = lambda x, kernel: native.conv_forward(_pad(x, padding), kernel)
+  else:
+    return xla(x, kernel)
+  return lax.platform_dependent(x, kernel, cpu=cpu, default=xla)
+
+
+def _pad(x, padding):
+  return jnp.pad(x, ((0, 0), *padding, (0, 0))) if any(map(any, padding)) else x
+
+
+# The native kernels (``unet_jax.native``) keep a kernel's worth of weights or gradient in
+# cache and win where that is small and the image large (the top of the U-Net); measured on
+# CPU, from 256 channels on, XLA's convolutions are as fast or faster.
+NATIVE_MAX_KERNEL_CHANNELS = 128 * 128  # C_in × C_out
+NATIVE_MIN_ROWS = 2048  # batch × output pixels
+
+
+def _use_native(kernel, rows, out_channels, *arrays) -> bool:
+  """Whether this convolution pass can run on ``unet_jax.native``'s kernels."""
+  return (out_channels % 16 == 0 and rows >= NATIVE_MIN_ROWS
+          and kernel.shape[2] * kernel.shape[3] <= NATIVE_MAX_KERNEL_CHANNELS
+          and all(a.dtype == jnp.float32 for a in arrays)
+          and jax.default_backend() == "cpu" and native.available())
 
 
 def _single_channel_conv(x, kernel, *, padding):
@@ -119,26 +146,35 @@ def _conv_fwd(x, kernel, padding, precision):
 
 def _conv_bwd(padding, precision, residuals, g):
   x, kernel = residuals
+  kh, kw, c, o = kernel.shape
+  rows = g.shape[0] * g.shape[1] * g.shape[2]
   # The kernel gradient of a padded convolution is the unpadded one of the padded input:
   # the same sums, which XLA's CPU backend computes up to twice as fast.
-  padded = jnp.pad(x, ((0, 0), *padding, (0, 0))) if any(map(any, padding)) else x
+  padded = _pad(x, padding)
   valid = ((0, 0), (0, 0))
   xla_kernel_grad = lambda padded, kernel, g: jax.vjp(
       lambda k: _lax_conv(padded, k, valid, precision), kernel)[1](g)[0]
-  rows = g.shape[0] * g.shape[1] * g.shape[2]
-  if rows <= DOT_KERNEL_GRAD_MAX_ROWS_PER_CHANNEL * g.shape[3]:
-    kernel_grad = lax.platform_dependent(
-        padded, kernel, g, cpu=functools.partial(_kernel_grad_dot, precision=precision),
-        default=xla_kernel_grad)
+  if rows <= DOT_KERNEL_GRAD_MAX_ROWS_PER_CHANNEL * o:
+    cpu = functools.partial(_kernel_grad_dot, precision=precision)
+  elif _use_native(kernel, rows, o, x, kernel, g):
+    cpu = lambda padded, kernel, g: native.conv_kernel_grad(padded, g, kernel.shape)
   else:
-    kernel_grad = xla_kernel_grad(padded, kernel, g)
+    cpu = None
+  kernel_grad = (lax.platform_dependent(padded, kernel, g, cpu=cpu, default=xla_kernel_grad)
+                 if cpu else xla_kernel_grad(padded, kernel, g))
+
   xla_input_grad = lambda x, kernel, g: jax.vjp(
       lambda x: _lax_conv(x, kernel, padding, precision), x)[1](g)[0]
-  if rows > DOT_INPUT_GRAD_MAX_ROWS_PER_CHANNEL * g.shape[3]:
-    return xla_input_grad(x, kernel, g), kernel_grad
-  input_grad = lax.platform_dependent(
-      x, kernel, g, cpu=functools.partial(_input_grad_dot, padding=padding, precision=precision),
-      default=xla_input_grad)
+  (top, bottom), (left, right) = padding
+  if rows <= DOT_INPUT_GRAD_MAX_ROWS_PER_CHANNEL * o:
+    cpu = functools.partial(_input_grad_dot, padding=padding, precision=precision)
+  elif max(top, bottom) < kh and max(left, right) < kw and _use_native(kernel, rows, c, x,
+                                                                        kernel, g):
+    cpu = functools.partial(_input_grad_native, padding=padding)
+  else:
+    cpu = None
+  input_grad = (lax.platform_dependent(x, kernel, g, cpu=cpu, default=xla_input_grad)
+                if cpu else xla_input_grad(x, kernel, g))
   return input_grad, kernel_grad
 
 
@@ -156,6 +192,17 @@ def _kernel_grad_dot(padded, kernel, g, *, precision):
                          (((0,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=jnp.float32)
   return grad.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _input_grad_native(x, kernel, g, *, padding):
+  """Input gradient as the native forward convolution of the output gradient, padded to the
+  full correlation (less the input's own padding), with the kernel flipped and transposed."""
+  del x
+  kh, kw = kernel.shape[:2]
+  (top, bottom), (left, right) = padding
+  g = jnp.pad(g, ((0, 0), (kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right),
+                  (0, 0)))
+  return native.conv_forward(g, kernel[::-1, ::-1].transpose(0, 1, 3, 2))
 
 
 def _input_grad_dot(x, kernel, g, *, padding, precision):

@@ -1,0 +1,163 @@
+"""Native CPU convolution kernels (``native/conv.cc``), compiled on first use, with fallback.
+
+XLA's CPU backend runs convolutions with few channels (16–64, the top of a U-Net) on a
+general contraction that reaches a third to a half of this hardware's speed there. The two
+kernels in ``native/conv.cc``, a forward convolution and a kernel gradient written for the
+NHWC/HWIO layouts and AVX-512, run them at the speed of PyTorch's oneDNN kernels or faster
+(``docs/performance.md``). ``unet_jax.ops`` calls them through ``jax.ffi`` on the CPU backend
+for float32 convolutions whose output channels are a multiple of 16, and XLA's own
+convolution everywhere else.
+
+Nothing is compiled at install time. The first convolution traced on a CPU compiles the
+source with the system's C++ compiler (``$CXX``, else ``c++``/``g++``; 2–3 seconds) into a
+cache directory (``$UNET_JAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/unet_jax``, else
+``~/.cache/unet_jax``), keyed by the source, the jaxlib version, the compiler and the CPU, and
+later processes load it from there. Without a compiler, an AVX-512 x86-64 CPU under Linux,
+or a writable cache directory, the package uses XLA's convolutions and says why in
+``status()``. ``UNET_JAX_NATIVE=0`` turns the kernels off.
+
+Loading the library runs no code but the two kernels, which only read and write the buffers
+XLA hands them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+SOURCE = pathlib.Path(__file__).with_name("native") / "conv.cc"
+FORWARD, KERNEL_GRAD = "unet_jax_conv_forward", "unet_jax_conv_kernel_grad"
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def enabled_by_environment() -> bool:
+  return os.environ.get("UNET_JAX_NATIVE", "1").strip().lower() not in ("0", "false", "no",
+                                                                        "off")
+
+
+def available() -> bool:
+  """Whether the native kernels are compiled, loaded and registered with XLA (once a process)."""
+  with _lock:
+    if "available" not in _state:
+      try:
+        _state["path"] = _load()
+        _state["available"], _state["reason"] = True, f"loaded from {_state['path']}"
+      except _Unavailable as reason:
+        _state["available"], _state["reason"] = False, str(reason)
+    return _state["available"]
+
+
+def status() -> str:
+  """Why the native kernels are (or are not) in use, in one line."""
+  available()
+  return _state["reason"]
+
+
+class _Unavailable(Exception):
+  pass
+
+
+def _cpu_flags() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line for line in f if line.startswith("flags")), "")
+  except OSError:
+    return ""
+
+
+def _compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _cache_dir() -> pathlib.Path:
+  if os.environ.get("UNET_JAX_CACHE_DIR"):
+    return pathlib.Path(os.environ["UNET_JAX_CACHE_DIR"])
+  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(base) / "unet_jax"
+
+
+def _load() -> pathlib.Path:
+  if not enabled_by_environment():
+    raise _Unavailable("turned off by UNET_JAX_NATIVE=0")
+  if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    raise _Unavailable(f"needs Linux on x86-64, this is {platform.system()} on "
+                       f"{platform.machine()}")
+  flags = _cpu_flags()
+  if " avx512f " not in f"{flags} ":
+    raise _Unavailable("this CPU has no AVX-512")
+  compiler = _compiler()
+  if compiler is None:
+    raise _Unavailable("no C++ compiler found (set CXX, or install g++)")
+  try:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+  except (OSError, subprocess.SubprocessError) as error:
+    raise _Unavailable(f"the C++ compiler {compiler} does not run: {error}") from error
+  source = SOURCE.read_bytes()
+  key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), version.encode(),
+                                   flags.encode()])).hexdigest()[:16]
+  library = _cache_dir() / f"conv-{key}.so"
+  if not library.exists():
+    _compile(compiler, library)
+  try:
+    lib = ctypes.CDLL(str(library))
+  except OSError as error:
+    raise _Unavailable(f"{library} does not load: {error}") from error
+  jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.UnetJaxConvForward),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(KERNEL_GRAD, jax.ffi.pycapsule(lib.UnetJaxConvKernelGrad),
+                              platform="cpu")
+  return library
+
+
+def _compile(compiler: str, library: pathlib.Path) -> None:
+  try:
+    library.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
+    os.close(fd)
+  except OSError as error:
+    raise _Unavailable(f"the cache directory {library.parent} is not writable: {error}; set "
+                       f"UNET_JAX_CACHE_DIR") from error
+  command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+             "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", partial]
+  try:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+      raise _Unavailable(f"compiling {SOURCE.name} failed: {result.stderr.strip()[-500:]}")
+    os.replace(partial, library)  # atomic: a concurrent process sees all of it or nothing
+  except (OSError, subprocess.SubprocessError) as error:
+    raise _Unavailable(f"compiling {SOURCE.name} failed: {error}") from error
+  finally:
+    if os.path.exists(partial):
+      os.unlink(partial)
+
+
+def conv_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Unpadded, stride-1 NHWC/HWIO convolution (float32; output channels a multiple of 16)."""
+  n, h, w, _ = x.shape
+  kh, kw, _, o = kernel.shape
+  out = jax.ShapeDtypeStruct((n, h - kh + 1, w - kw + 1, o), jnp.float32)
+  return jax.ffi.ffi_call(FORWARD, out, vmap_method="sequential")(x, kernel)
+
+
+def conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
+  """The kernel gradient of ``conv_forward(x, kernel)`` for the output gradient ``g``."""
+  out = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
+  return jax.ffi.ffi_call(KERNEL_GRAD, out, vmap_method="sequential")(x, g)
+

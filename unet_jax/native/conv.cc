@@ -1,0 +1,243 @@
+// Direct 2-D convolution kernels for x86-64 CPUs with AVX-512, called from JAX through XLA's
+// FFI (see unet_jax/native.py, which compiles this file on first use).
+//
+// Layouts are the U-Net's: images NHWC, kernels HWIO, float32, stride 1, no padding (the
+// caller pads). The output-channel count must be a multiple of 16 (one AVX-512 register).
+//
+//   UnetJaxConvForward:    y[n, i, j, o]  = sum_{a, b, c} x[n, i + a, j + b, c] * w[a, b, c, o]
+//   UnetJaxConvKernelGrad: dw[a, b, c, o] = sum_{n, i, j} x[n, i + a, j + b, c] * g[n, i, j, o]
+//
+// Both hold a tile of outputs in registers (pixels × 16-channel vectors for the forward pass,
+// (a, b, c) rows × 16-channel vectors for the kernel gradient) and stream the rest through
+// broadcast multiply-adds, so every input element is read from cache, not memory, once per
+// tile. Rows of output pixels are shared out over XLA's own intra-op thread pool (a second
+// pool of threads would compete with XLA's for the same cores).
+
+#if !defined(__AVX512F__)
+#error "unet_jax's native convolutions need AVX-512 (the build falls back to XLA without it)"
+#endif
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#define UNROLL _Pragma("GCC unroll 32")
+
+// Calls body(row, slot) once for every row in [0, rows), on the calling thread and on up to
+// pool.num_threads() tasks of XLA's thread pool; `slot` numbers the threads that took part,
+// from 0, for per-thread partial results (at most num_threads() + 1 of them). Rows are handed
+// out one at a time, so a task that starts late (its thread was busy) finds none left and
+// returns without touching `body`; the caller waits only for tasks that took a row.
+struct Rows {
+  std::atomic<int64_t> next{0};
+  std::atomic<int> active{0};
+  std::atomic<int> slots{0};
+  int64_t count = 0;
+};
+
+template <typename Body>
+int ParallelRows(ffi::ThreadPool& pool, int64_t rows, const Body& body) {
+  auto work = std::make_shared<Rows>();
+  work->count = rows;
+  auto take_rows = [work, &body]() {
+    work->active.fetch_add(1);
+    int slot = -1;
+    for (int64_t row; (row = work->next.fetch_add(1)) < work->count;) {
+      if (slot < 0) slot = work->slots.fetch_add(1);
+      body(row, slot);
+    }
+    work->active.fetch_sub(1);
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), rows - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([take_rows] { take_rows(); });
+  take_rows();
+  while (work->next.load() < work->count || work->active.load() != 0) _mm_pause();
+  return work->slots.load();
+}
+
+int MaxSlots(ffi::ThreadPool& pool) { return static_cast<int>(pool.num_threads()) + 1; }
+
+// Forward: P output pixels of one row × V vectors of 16 output channels.
+template <int P, int V>
+inline void ForwardTile(const float* __restrict x, const float* __restrict w,
+                        float* __restrict y, int64_t c_in, int64_t width, int64_t c_out,
+                        int64_t kh, int64_t kw) {
+  __m512 acc[P][V];
+  UNROLL for (int p = 0; p < P; ++p) UNROLL for (int v = 0; v < V; ++v) {
+    acc[p][v] = _mm512_setzero_ps();
+  }
+  for (int64_t a = 0; a < kh; ++a) {
+    for (int64_t b = 0; b < kw; ++b) {
+      const float* xp = x + (a * width + b) * c_in;
+      const float* wp = w + (a * kw + b) * c_in * c_out;
+      for (int64_t c = 0; c < c_in; ++c) {
+        __m512 wv[V];
+        UNROLL for (int v = 0; v < V; ++v) wv[v] = _mm512_loadu_ps(wp + c * c_out + 16 * v);
+        UNROLL for (int p = 0; p < P; ++p) {
+          const __m512 xv = _mm512_set1_ps(xp[p * c_in + c]);
+          UNROLL for (int v = 0; v < V; ++v) acc[p][v] = _mm512_fmadd_ps(xv, wv[v], acc[p][v]);
+        }
+      }
+    }
+  }
+  UNROLL for (int p = 0; p < P; ++p) UNROLL for (int v = 0; v < V; ++v) {
+    _mm512_storeu_ps(y + p * c_out + 16 * v, acc[p][v]);
+  }
+}
+
+template <int V, int P>
+void ForwardRow(const float* x, const float* w, float* y, int64_t c_in, int64_t width,
+                int64_t out_width, int64_t c_out, int64_t kh, int64_t kw, int64_t o0) {
+  int64_t j = 0;
+  for (; j + P <= out_width; j += P) {
+    ForwardTile<P, V>(x + j * c_in, w + o0, y + j * c_out + o0, c_in, width, c_out, kh, kw);
+  }
+  for (; j < out_width; ++j) {
+    ForwardTile<1, V>(x + j * c_in, w + o0, y + j * c_out + o0, c_in, width, c_out, kh, kw);
+  }
+}
+
+void Forward(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t n,
+             int64_t height, int64_t width, int64_t c_in, int64_t kh, int64_t kw,
+             int64_t c_out) {
+  const int64_t out_height = height - kh + 1, out_width = width - kw + 1;
+  ParallelRows(pool, n * out_height, [&](int64_t r, int) {
+    const int64_t image = r / out_height, i = r % out_height;
+    const float* xr = x + (image * height + i) * width * c_in;
+    float* yr = y + r * out_width * c_out;
+    int64_t o0 = 0;
+    for (; o0 + 64 <= c_out; o0 += 64) {
+      ForwardRow<4, 6>(xr, w, yr, c_in, width, out_width, c_out, kh, kw, o0);
+    }
+    for (; o0 + 32 <= c_out; o0 += 32) {
+      ForwardRow<2, 12>(xr, w, yr, c_in, width, out_width, c_out, kh, kw, o0);
+    }
+    for (; o0 + 16 <= c_out; o0 += 16) {
+      ForwardRow<1, 24>(xr, w, yr, c_in, width, out_width, c_out, kh, kw, o0);
+    }
+  });
+}
+
+// Kernel gradient: R rows t = (a, b, c) of the kernel × V vectors of 16 output channels,
+// summed over one row of output pixels and added to `dw` (a per-thread partial sum).
+template <int R, int V>
+inline void KernelGradTile(const float* __restrict x, const float* __restrict g,
+                           float* __restrict dw, int64_t pixels, int64_t c_in, int64_t width,
+                           int64_t c_out, int64_t kw, int64_t t0, int64_t o0) {
+  __m512 acc[R][V];
+  int64_t offset[R];
+  UNROLL for (int r = 0; r < R; ++r) {
+    const int64_t t = t0 + r, c = t % c_in, ab = t / c_in;
+    offset[r] = ((ab / kw) * width + ab % kw) * c_in + c;
+    UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < pixels; ++p) {
+    __m512 gv[V];
+    UNROLL for (int v = 0; v < V; ++v) gv[v] = _mm512_loadu_ps(g + p * c_out + o0 + 16 * v);
+    const float* xp = x + p * c_in;
+    UNROLL for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(xp[offset[r]]);
+      UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xv, gv[v], acc[r][v]);
+    }
+  }
+  UNROLL for (int r = 0; r < R; ++r) UNROLL for (int v = 0; v < V; ++v) {
+    float* out = dw + (t0 + r) * c_out + o0 + 16 * v;
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[r][v]));
+  }
+}
+
+template <int V, int R>
+void KernelGradRow(const float* x, const float* g, float* dw, int64_t pixels, int64_t c_in,
+                   int64_t width, int64_t c_out, int64_t kw, int64_t rows, int64_t o0) {
+  int64_t t = 0;
+  for (; t + R <= rows; t += R) {
+    KernelGradTile<R, V>(x, g, dw, pixels, c_in, width, c_out, kw, t, o0);
+  }
+  for (; t < rows; ++t) KernelGradTile<1, V>(x, g, dw, pixels, c_in, width, c_out, kw, t, o0);
+}
+
+void KernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw, int64_t n,
+                int64_t height, int64_t width, int64_t c_in, int64_t kh, int64_t kw,
+                int64_t c_out) {
+  const int64_t out_height = height - kh + 1, out_width = width - kw + 1;
+  const int64_t rows = kh * kw * c_in, size = rows * c_out;
+  std::vector<float> partial(static_cast<size_t>(MaxSlots(pool)) * size, 0.0f);
+  const int slots = ParallelRows(pool, n * out_height, [&](int64_t r, int slot) {
+    float* mine = partial.data() + slot * size;
+    const int64_t image = r / out_height, i = r % out_height;
+    const float* xr = x + (image * height + i) * width * c_in;
+    const float* gr = g + r * out_width * c_out;
+    int64_t o0 = 0;
+    for (; o0 + 64 <= c_out; o0 += 64) {
+      KernelGradRow<4, 6>(xr, gr, mine, out_width, c_in, width, c_out, kw, rows, o0);
+    }
+    for (; o0 + 32 <= c_out; o0 += 32) {
+      KernelGradRow<2, 12>(xr, gr, mine, out_width, c_in, width, c_out, kw, rows, o0);
+    }
+    for (; o0 + 16 <= c_out; o0 += 16) {
+      KernelGradRow<1, 24>(xr, gr, mine, out_width, c_in, width, c_out, kw, rows, o0);
+    }
+  });
+  for (int64_t k = 0; k < size; ++k) {
+    float sum = 0.0f;
+    for (int slot = 0; slot < slots; ++slot) sum += partial[slot * size + k];
+    dw[k] = sum;
+  }
+}
+
+ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
+                       ffi::Span<const int64_t> y) {
+  if (x.size() != 4 || k.size() != 4 || y.size() != 4) {
+    return ffi::Error::InvalidArgument("unet_jax native convolution: expected 4-D arrays");
+  }
+  if (k[3] % 16 != 0 || x[3] != k[2] || y[3] != k[3] || y[0] != x[0] ||
+      y[1] != x[1] - k[0] + 1 || y[2] != x[2] - k[1] + 1) {
+    return ffi::Error::InvalidArgument("unet_jax native convolution: inconsistent shapes");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xs = x.dimensions(), ws = w.dimensions(), ys = y->dimensions();
+  if (ffi::Error error = CheckShapes(xs, ws, ys); error.failure()) return error;
+  Forward(pool, x.typed_data(), w.typed_data(), y->typed_data(), xs[0], xs[1], xs[2], xs[3], ws[0],
+          ws[1], ws[3]);
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw) {
+  const auto xs = x.dimensions(), gs = g.dimensions(), ws = dw->dimensions();
+  if (ffi::Error error = CheckShapes(xs, ws, gs); error.failure()) return error;
+  KernelGrad(pool, x.typed_data(), g.typed_data(), dw->typed_data(), xs[0], xs[1], xs[2], xs[3],
+             ws[0], ws[1], ws[3]);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetJaxConvForward, ConvForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetJaxConvKernelGrad, ConvKernelGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
