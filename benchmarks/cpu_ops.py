@@ -133,23 +133,11 @@ def op_cases(tiny: bool, repeats: int) -> list[dict]:
                          (x, k, g), repeats))
   padded = [(2, 10, 10, 4, 4)] if tiny else [(2, 128, 128, 32, 16), (2, 160, 160, 64, 64),
                                               (2, 80, 80, 256, 128)]
-  for n, h, w, c, o in padded:
-    x, k = _normal(rng, (n, h, w, c)), _normal(rng, (3, 3, c, o))
-    g = _normal(rng, (n, h, w, o))
-    grad = lambda conv: jax.jit(lambda x, k, g: jax.vjp(
-        lambda k: conv(x, k, (1, 1), "SAME", dimension_numbers=NHWC), k)[1](g))
-    rows.append(_compare("3×3 padded convolution, kernel gradient", [n, h, w, c, o],
-                         grad(lax.conv_general_dilated), grad(ops.conv_general_dilated),
-                         (x, k, g), repeats))
+  rows += _kernel_grad_rows("3×3 padded convolution, kernel gradient", padded, "SAME", rng,
+                            repeats)
   bottleneck = [(2, 5, 5, 8, 32)] if tiny else [(2, 6, 6, 1024, 1024), (2, 10, 10, 256, 512)]
-  for n, h, w, c, o in bottleneck:
-    x, k = _normal(rng, (n, h, w, c)), _normal(rng, (3, 3, c, o))
-    g = _normal(rng, (n, h - 2, w - 2, o))
-    grad = lambda conv: jax.jit(lambda x, k, g: jax.vjp(
-        lambda k: conv(x, k, (1, 1), "VALID", dimension_numbers=NHWC), k)[1](g))
-    rows.append(_compare("3×3 convolution, kernel gradient", [n, h, w, c, o],
-                         grad(lax.conv_general_dilated), grad(ops.conv_general_dilated),
-                         (x, k, g), repeats))
+  rows += _kernel_grad_rows("3×3 convolution, kernel gradient", bottleneck, "VALID", rng,
+                            repeats)
   first = [(2, 12, 12, 1, 4)] if tiny else [(2, 188, 188, 1, 16), (2, 188, 188, 1, 64)]
   for n, h, w, c, o in first:
     x, k = _normal(rng, (n, h, w, c)), _normal(rng, (3, 3, c, o))
@@ -158,6 +146,19 @@ def op_cases(tiny: bool, repeats: int) -> list[dict]:
     rows.append(_compare("3×3 convolution, forward (first layer)", [n, h, w, c, o],
                          forward(lax.conv_general_dilated), forward(ops.conv_general_dilated),
                          (x, k), repeats))
+  return rows
+
+
+def _kernel_grad_rows(name, shapes, padding, rng, repeats) -> list[dict]:
+  rows = []
+  for n, h, w, c, o in shapes:
+    x, k = _normal(rng, (n, h, w, c)), _normal(rng, (3, 3, c, o))
+    out = (h, w) if padding == "SAME" else (h - 2, w - 2)
+    g = _normal(rng, (n, *out, o))
+    grad = lambda conv: jax.jit(lambda x, k, g: jax.vjp(
+        lambda k: conv(x, k, (1, 1), padding, dimension_numbers=NHWC), k)[1](g))
+    rows.append(_compare(name, [n, h, w, c, o], grad(lax.conv_general_dilated),
+                         grad(ops.conv_general_dilated), (x, k, g), repeats))
   return rows
 
 
