@@ -147,42 +147,53 @@ void Forward(ffi::ThreadPool& pool, const float* x, const float* w, float* y, in
   }
 }
 
-// Kernel gradient: R rows t = (a, b, c) of the kernel × V vectors of 16 output channels,
-// summed over one row of output pixels and added to `dw` (a per-thread partial sum).
+// Kernel gradient: R consecutive input channels of one kernel tap (a, b) × V vectors of 16
+// output channels, summed over one row of output pixels and added to `dw` (a per-thread
+// partial sum). `x` points at the tap's first channel for the row's first pixel, so the R
+// broadcasts are constant offsets from one register.
 template <int R, int V>
 inline void KernelGradTile(const float* __restrict x, const float* __restrict g,
-                           float* __restrict dw, int64_t pixels, int64_t c_in, int64_t width,
-                           int64_t c_out, int64_t kw, int64_t t0, int64_t o0) {
+                           float* __restrict dw, int64_t pixels, int64_t c_in, int64_t c_out) {
   __m512 acc[R][V];
-  int64_t offset[R];
-  UNROLL for (int r = 0; r < R; ++r) {
-    const int64_t t = t0 + r, c = t % c_in, ab = t / c_in;
-    offset[r] = ((ab / kw) * width + ab % kw) * c_in + c;
-    UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  UNROLL for (int r = 0; r < R; ++r) UNROLL for (int v = 0; v < V; ++v) {
+    acc[r][v] = _mm512_setzero_ps();
   }
   for (int64_t p = 0; p < pixels; ++p) {
     __m512 gv[V];
-    UNROLL for (int v = 0; v < V; ++v) gv[v] = _mm512_loadu_ps(g + p * c_out + o0 + 16 * v);
+    UNROLL for (int v = 0; v < V; ++v) gv[v] = _mm512_loadu_ps(g + p * c_out + 16 * v);
     const float* xp = x + p * c_in;
     UNROLL for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_set1_ps(xp[offset[r]]);
+      const __m512 xv = _mm512_set1_ps(xp[r]);
       UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xv, gv[v], acc[r][v]);
     }
   }
   UNROLL for (int r = 0; r < R; ++r) UNROLL for (int v = 0; v < V; ++v) {
-    float* out = dw + (t0 + r) * c_out + o0 + 16 * v;
+    float* out = dw + r * c_out + 16 * v;
     _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[r][v]));
   }
 }
 
 template <int V, int R>
 void KernelGradRow(const float* x, const float* g, float* dw, int64_t pixels, int64_t c_in,
-                   int64_t width, int64_t c_out, int64_t kw, int64_t rows, int64_t o0) {
-  int64_t t = 0;
-  for (; t + R <= rows; t += R) {
-    KernelGradTile<R, V>(x, g, dw, pixels, c_in, width, c_out, kw, t, o0);
+                   int64_t width, int64_t c_out, int64_t kh, int64_t kw, int64_t o0) {
+  for (int64_t a = 0; a < kh; ++a) {
+    for (int64_t b = 0; b < kw; ++b) {
+      const float* xt = x + (a * width + b) * c_in;
+      float* dwt = dw + (a * kw + b) * c_in * c_out + o0;
+      int64_t c = 0;
+      for (; c + R <= c_in; c += R) {
+        KernelGradTile<R, V>(xt + c, g + o0, dwt + c * c_out, pixels, c_in, c_out);
+      }
+      if (R > 4 && c + 4 <= c_in) {
+        KernelGradTile<4, V>(xt + c, g + o0, dwt + c * c_out, pixels, c_in, c_out);
+        c += 4;
+      }
+      for (; c + 2 <= c_in; c += 2) {
+        KernelGradTile<2, V>(xt + c, g + o0, dwt + c * c_out, pixels, c_in, c_out);
+      }
+      if (c < c_in) KernelGradTile<1, V>(xt + c, g + o0, dwt + c * c_out, pixels, c_in, c_out);
+    }
   }
-  for (; t < rows; ++t) KernelGradTile<1, V>(x, g, dw, pixels, c_in, width, c_out, kw, t, o0);
 }
 
 void KernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw, int64_t n,
@@ -198,13 +209,13 @@ void KernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw
     const float* gr = g + r * out_width * c_out;
     int64_t o0 = 0;
     for (; o0 + 64 <= c_out; o0 += 64) {
-      KernelGradRow<4, 6>(xr, gr, mine, out_width, c_in, width, c_out, kw, rows, o0);
+      KernelGradRow<4, 6>(xr, gr, mine, out_width, c_in, width, c_out, kh, kw, o0);
     }
     for (; o0 + 32 <= c_out; o0 += 32) {
-      KernelGradRow<2, 12>(xr, gr, mine, out_width, c_in, width, c_out, kw, rows, o0);
+      KernelGradRow<2, 8>(xr, gr, mine, out_width, c_in, width, c_out, kh, kw, o0);
     }
     for (; o0 + 16 <= c_out; o0 += 16) {
-      KernelGradRow<1, 24>(xr, gr, mine, out_width, c_in, width, c_out, kw, rows, o0);
+      KernelGradRow<1, 16>(xr, gr, mine, out_width, c_in, width, c_out, kh, kw, o0);
     }
   });
   for (int64_t k = 0; k < size; ++k) {
