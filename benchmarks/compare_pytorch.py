@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from unet_jax import flops, model, parallel, train
+from unet_jax import flops, model, native, parallel, train
 
 from memory import package_train_step
 from torch_unet import TorchUNet, torch_twin
@@ -292,7 +292,7 @@ def environment(args) -> dict:
           "jax": jax.__version__, "flax": flax.__version__, "torch": torch.__version__,
           "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
           "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "args": vars(args)}
+          "native_kernels": native.status(), "args": vars(args)}
 
 
 def _cpu_name() -> str:

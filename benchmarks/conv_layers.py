@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unet_jax import ops, xla_defaults
+from unet_jax import native, ops, xla_defaults
 from unet_jax.model import PRESETS
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -171,7 +171,8 @@ def main() -> None:
   layers = conv_layers(args.preset, args.width, args.depth, args.size, args.batch,
                        args.in_channels)
   print(f"jax {jax.__version__}, Python {platform.python_version()}, backend "
-        f"{jax.default_backend()}, XLA defaults applied: {xla_defaults.applied()}"
+        f"{jax.default_backend()}, XLA defaults applied: {xla_defaults.applied()}, native "
+        f"kernels: {native.status()}"
         + (f"; torch {torch.__version__}, {torch_threads} threads" if with_torch else ""),
         flush=True)
   print(f"{args.preset}, width {args.width}, {args.size}×{args.size}, batch {args.batch}: "
@@ -190,6 +191,7 @@ def main() -> None:
   if args.output:
     with open(args.output, "w") as f:
       json.dump({"jax": jax.__version__, "python": platform.python_version(),
+                 "native_kernels": native.status(),
                  "preset": args.preset, "width": args.width, "size": args.size,
                  "batch": args.batch, "torch_threads": torch_threads if with_torch else None,
                  "layers": rows, "totals": totals}, f, indent=1)

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from unet_jax import ops, xla_defaults
+from unet_jax import native, ops, xla_defaults
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -215,7 +215,8 @@ def main() -> None:
     _xla_conv_child(json.loads(args.child), args.repeats)
     return
   print(f"jax {jax.__version__}, Python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs, XLA defaults applied: {xla_defaults.applied()}", flush=True)
+        f"{os.cpu_count()} CPUs, XLA defaults applied: {xla_defaults.applied()}, native "
+        f"kernels: {native.status()}", flush=True)
   rows = op_cases(args.tiny, args.repeats) + xla_default_cases(args.tiny, args.repeats)
   print(markdown(rows))
   print("shapes: [N, H, W, C_in, C_out] of the input (pool: [N, H, W, C]); plain: lax / nnx "

@@ -72,6 +72,7 @@ def test_compare_pytorch_end_to_end(tmp_path):
                 "--depth", "2", "--size", "44", "--batch", "2", "--repeats", "2",
                 "--warmup", "1", tmp_path=tmp_path)
   assert report["environment"]["torch_threads"] >= 1
+  assert report["environment"]["native_kernels"]  # why the native kernels are or are not used
   assert [case["preset"] for case in report["results"]] == ["walkthrough", "paper"]
   for case in report["results"]:
     assert case["features"] == [4, 8, 16] and case["input"] == [44, 44]
