@@ -1,8 +1,8 @@
-"""Native CPU convolution kernels (``native/conv.cc``), compiled on first use, with fallback.
+"""Native CPU convolution kernels (``csrc/conv.cc``), compiled on first use, with fallback.
 
 XLA's CPU backend runs convolutions with few channels (16–64, the top of a U-Net) on a
 general contraction that reaches a third to a half of this hardware's speed there. The two
-kernels in ``native/conv.cc``, a forward convolution and a kernel gradient written for the
+kernels in ``csrc/conv.cc``, a forward convolution and a kernel gradient written for the
 NHWC/HWIO layouts and AVX-512, run them at the speed of PyTorch's oneDNN kernels or faster
 (``docs/performance.md``). ``unet_jax.ops`` calls them through ``jax.ffi`` on the CPU backend
 for float32 convolutions whose output channels are a multiple of 16, and XLA's own
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-SOURCE = pathlib.Path(__file__).with_name("native") / "conv.cc"
+SOURCE = pathlib.Path(__file__).with_name("csrc") / "conv.cc"
 FORWARD, KERNEL_GRAD = "unet_jax_conv_forward", "unet_jax_conv_kernel_grad"
 
 _lock = threading.Lock()
