@@ -1,4 +1,4 @@
-"""``unet_jax.native``: the compiled CPU convolutions agree with XLA's, and everything falls back."""
+"""``unet_jax.native``: the compiled CPU convolutions agree with XLA's; everything falls back."""
 
 import os
 import subprocess
