@@ -80,8 +80,8 @@ def _cpu_flags() -> str:
 
 def _compiler() -> str | None:
   for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
+    if name and (path := shutil.which(name)):
+      return path
   return None
 
 

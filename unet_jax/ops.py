@@ -97,8 +97,16 @@ def _forward(x, kernel, padding, precision):
   elif _use_native(kernel, rows, o, x, kernel):
     cpu = lambda x, kernel: native.conv_forward(_pad(x, padding), kernel)
   else:
-    return xla(x, kernel)
-  return lax.platform_dependent(x, kernel, cpu=cpu, default=xla)
+    cpu = None
+  return _on_cpu(cpu, xla, x, kernel)
+
+
+def _on_cpu(cpu, default, *args):
+  """``cpu(*args)`` on the CPU backend and ``default(*args)`` elsewhere; ``default`` alone
+  when there is no CPU formulation."""
+  if cpu is None:
+    return default(*args)
+  return lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
 def _pad(x, padding):
@@ -128,7 +136,7 @@ def _single_channel_conv(x, kernel, *, padding):
   formulations won reliably, so those go to ``lax``.)
   """
   kh, kw = kernel.shape[:2]
-  x = jnp.pad(x, ((0, 0), *padding, (0, 0))) if any(map(any, padding)) else x
+  x = _pad(x, padding)
   h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
   x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
   y = sum(x32[:, a:a + h, b:b + w] * k32[a, b, 0] for a in range(kh) for b in range(kw))
@@ -160,8 +168,7 @@ def _conv_bwd(padding, precision, residuals, g):
     cpu = lambda padded, kernel, g: native.conv_kernel_grad(padded, g, kernel.shape)
   else:
     cpu = None
-  kernel_grad = (lax.platform_dependent(padded, kernel, g, cpu=cpu, default=xla_kernel_grad)
-                 if cpu else xla_kernel_grad(padded, kernel, g))
+  kernel_grad = _on_cpu(cpu, xla_kernel_grad, padded, kernel, g)
 
   xla_input_grad = lambda x, kernel, g: jax.vjp(
       lambda x: _lax_conv(x, kernel, padding, precision), x)[1](g)[0]
@@ -173,8 +180,7 @@ def _conv_bwd(padding, precision, residuals, g):
     cpu = functools.partial(_input_grad_native, padding=padding)
   else:
     cpu = None
-  input_grad = (lax.platform_dependent(x, kernel, g, cpu=cpu, default=xla_input_grad)
-                if cpu else xla_input_grad(x, kernel, g))
+  input_grad = _on_cpu(cpu, xla_input_grad, x, kernel, g)
   return input_grad, kernel_grad
 
 

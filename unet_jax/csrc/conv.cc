@@ -241,8 +241,8 @@ ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
   const auto xs = x.dimensions(), ws = w.dimensions(), ys = y->dimensions();
   if (ffi::Error error = CheckShapes(xs, ws, ys); error.failure()) return error;
-  Forward(pool, x.typed_data(), w.typed_data(), y->typed_data(), xs[0], xs[1], xs[2], xs[3], ws[0],
-          ws[1], ws[3]);
+  Forward(pool, x.typed_data(), w.typed_data(), y->typed_data(), xs[0], xs[1], xs[2], xs[3],
+          ws[0], ws[1], ws[3]);
   return ffi::Error::Success();
 }
 
@@ -255,18 +255,16 @@ ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Both kernels take XLA's thread pool and two float32 arrays, and return one.
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetJaxConvForward, ConvForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetJaxConvKernelGrad, ConvKernelGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetJaxConvForward, ConvForwardImpl, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetJaxConvKernelGrad, ConvKernelGradImpl, Binding());
