@@ -25,6 +25,9 @@ def _normal(shape, seed):
 @needs_native
 @pytest.mark.parametrize("n,h,w,c,o,kh,kw", [
     (2, 9, 31, 16, 16, 3, 3),   # a row that is not a whole number of tiles
+    (1, 3, 25, 16, 16, 3, 3),   # 23 pixels a row: no full tile, every smaller one (8, 4, 2, 1)
+    (2, 5, 14, 1, 16, 3, 3),    # one input channel: partial sums over alternate pixels
+    (1, 4, 13, 2, 32, 3, 3),    # two input channels, an odd number of pixels a row
     (1, 7, 8, 3, 32, 3, 3),     # input channels that are not a multiple of 16
     (2, 6, 9, 20, 48, 2, 3),    # 48 = 32 + 16 output channels; a non-square kernel
     (1, 5, 70, 8, 64, 1, 1),    # 1×1; 64 channels at once

@@ -99,6 +99,18 @@ inline void ForwardTile(const float* __restrict x, const float* __restrict w,
   }
 }
 
+// Tiles of P pixels from pixel j on while they fit; returns the first pixel left over.
+template <int P, int V, int CIN>
+int64_t ForwardTail(const float* x, const float* w, float* y, int64_t j, int64_t c_in,
+                    int64_t width, int64_t out_width, int64_t c_out, int64_t kh, int64_t kw,
+                    int64_t o0) {
+  for (; j + P <= out_width; j += P) {
+    ForwardTile<P, V, CIN>(x + j * c_in, w + o0, y + j * c_out + o0, c_in, width, c_out, kh,
+                           kw);
+  }
+  return j;
+}
+
 template <int V, int P, int CIN>
 void ForwardRow(const float* x, const float* w, float* y, int64_t c_in, int64_t width,
                 int64_t out_width, int64_t c_out, int64_t kh, int64_t kw, int64_t o0) {
@@ -107,10 +119,12 @@ void ForwardRow(const float* x, const float* w, float* y, int64_t c_in, int64_t 
     ForwardTile<P, V, CIN>(x + j * c_in, w + o0, y + j * c_out + o0, c_in, width, c_out, kh,
                            kw);
   }
-  for (; j < out_width; ++j) {
-    ForwardTile<1, V, CIN>(x + j * c_in, w + o0, y + j * c_out + o0, c_in, width, c_out, kh,
-                           kw);
-  }
+  // The last pixels of the row in ever smaller tiles: a tile of one pixel and one vector is a
+  // single chain of dependent multiply-adds, several times slower per pixel than a full tile.
+  if constexpr (P > 8) j = ForwardTail<8, V, CIN>(x, w, y, j, c_in, width, out_width, c_out, kh, kw, o0);
+  if constexpr (P > 4) j = ForwardTail<4, V, CIN>(x, w, y, j, c_in, width, out_width, c_out, kh, kw, o0);
+  if constexpr (P > 2) j = ForwardTail<2, V, CIN>(x, w, y, j, c_in, width, out_width, c_out, kh, kw, o0);
+  ForwardTail<1, V, CIN>(x, w, y, j, c_in, width, out_width, c_out, kh, kw, o0);
 }
 
 template <int CIN>
@@ -150,26 +164,37 @@ void Forward(ffi::ThreadPool& pool, const float* x, const float* w, float* y, in
 // Kernel gradient: R consecutive input channels of one kernel tap (a, b) × V vectors of 16
 // output channels, summed over one row of output pixels and added to `dw` (a per-thread
 // partial sum). `x` points at the tap's first channel for the row's first pixel, so the R
-// broadcasts are constant offsets from one register.
+// broadcasts are constant offsets from one register. Small tiles (R · V < 8, for few input
+// channels) keep U partial sums over alternate pixels, so that at least 8 independent chains
+// of multiply-adds are in flight.
 template <int R, int V>
 inline void KernelGradTile(const float* __restrict x, const float* __restrict g,
                            float* __restrict dw, int64_t pixels, int64_t c_in, int64_t c_out) {
-  __m512 acc[R][V];
-  UNROLL for (int r = 0; r < R; ++r) UNROLL for (int v = 0; v < V; ++v) {
-    acc[r][v] = _mm512_setzero_ps();
+  constexpr int U = R * V >= 8 ? 1 : 8 / (R * V);
+  __m512 acc[U][R][V];
+  UNROLL for (int u = 0; u < U; ++u) UNROLL for (int r = 0; r < R; ++r) {
+    UNROLL for (int v = 0; v < V; ++v) acc[u][r][v] = _mm512_setzero_ps();
   }
-  for (int64_t p = 0; p < pixels; ++p) {
+  auto accumulate = [&](int u, int64_t p) __attribute__((always_inline)) {
     __m512 gv[V];
     UNROLL for (int v = 0; v < V; ++v) gv[v] = _mm512_loadu_ps(g + p * c_out + 16 * v);
     const float* xp = x + p * c_in;
     UNROLL for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_set1_ps(xp[r]);
-      UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xv, gv[v], acc[r][v]);
+      UNROLL for (int v = 0; v < V; ++v) {
+        acc[u][r][v] = _mm512_fmadd_ps(xv, gv[v], acc[u][r][v]);
+      }
     }
+  };
+  int64_t p = 0;
+  for (; p + U <= pixels; p += U) UNROLL for (int u = 0; u < U; ++u) accumulate(u, p + u);
+  for (; p < pixels; ++p) accumulate(0, p);
+  UNROLL for (int u = 1; u < U; ++u) UNROLL for (int r = 0; r < R; ++r) {
+    UNROLL for (int v = 0; v < V; ++v) acc[0][r][v] = _mm512_add_ps(acc[0][r][v], acc[u][r][v]);
   }
   UNROLL for (int r = 0; r < R; ++r) UNROLL for (int v = 0; v < V; ++v) {
     float* out = dw + r * c_out + 16 * v;
-    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[r][v]));
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[0][r][v]));
   }
 }
 
