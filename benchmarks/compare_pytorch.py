@@ -27,6 +27,9 @@ above 1, JAX is slower.
   resident memory during one step above its level before it (Linux: the peak is reset through
   ``/proc/self/clear_refs`` and freed heap memory returned with ``malloc_trim`` first). JAX's
   ``xla_temp_bytes`` is XLA's own compiled memory analysis: the step's scratch memory.
+* Both frameworks run in one process, so both get the ``malloc`` options that
+  ``import unet_jax`` sets (``unet_jax.malloc_defaults``; recorded in the JSON);
+  ``UNET_JAX_MALLOC_DEFAULTS=0`` measures both under glibc's defaults instead.
 * GFLOP/s use ``unet_jax.flops`` (a training step counts as three forward passes).
 * ``--torch-compile`` adds ``torch.compile(model)``; a failure is reported, not raised.
 * PyTorch runs with its default thread count (recorded in the output) unless
@@ -65,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from unet_jax import flops, model, native, parallel, train
+from unet_jax import flops, malloc_defaults, model, native, parallel, train
 
 from memory import package_train_step
 from torch_unet import TorchUNet, torch_twin
@@ -101,13 +104,14 @@ def peak_memory(run, device: str) -> tuple[int | None, str]:
     return stats.get("peak_bytes_in_use"), "jax memory_stats peak_bytes_in_use (process lifetime)"
   if not _can_reset_rss_peak():
     return None, "unavailable (needs Linux /proc/self/clear_refs)"
-  gc.collect()
-  with contextlib.suppress(OSError, AttributeError):
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  _can_reset_rss_peak()
-  before = _rss_bytes("VmRSS")
-  run()
-  return _rss_bytes("VmHWM") - before, "process peak RSS above the level before the step"
+  with malloc_defaults.suspended():  # else freed memory stays resident and is reused unseen
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+      ctypes.CDLL("libc.so.6").malloc_trim(0)
+    _can_reset_rss_peak()
+    before = _rss_bytes("VmRSS")
+    run()
+    return _rss_bytes("VmHWM") - before, "process peak RSS above the level before the step"
 
 
 # --- the contenders ---------------------------------------------------------------------
@@ -292,7 +296,8 @@ def environment(args) -> dict:
           "jax": jax.__version__, "flax": flax.__version__, "torch": torch.__version__,
           "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
           "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "native_kernels": native.status(), "args": vars(args)}
+          "native_kernels": native.status(), "malloc_defaults": malloc_defaults.applied(),
+          "args": vars(args)}
 
 
 def _cpu_name() -> str:
@@ -375,7 +380,9 @@ def main(argv=None) -> list[dict]:
   report = {"environment": environment(args), "results": results}
   print(markdown_table(results))
   print(f"\nratio = JAX / PyTorch time (above 1: JAX slower). torch threads: "
-        f"{report['environment']['torch_threads']}; memory: {results[0]['jax']['memory_method']}")
+        f"{report['environment']['torch_threads']}; memory: {results[0]['jax']['memory_method']}; "
+        f"malloc options set by unet_jax (both frameworks): "
+        f"{report['environment']['malloc_defaults'] or 'none'}")
   if args.output:
     with open(args.output, "w") as f:
       json.dump(report, f, indent=1)

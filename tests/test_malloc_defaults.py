@@ -108,3 +108,19 @@ def test_a_large_block_is_reused_without_page_faults(declined):
     assert applied == "[]" and faults > 1000
   else:
     assert "M_MMAP_MAX" in applied and faults < 100
+
+
+def test_suspended_restores_glibc_values_inside_and_the_options_after(fresh):
+  malloc_defaults.apply()
+  del fresh.calls[:]
+  with malloc_defaults.suspended():
+    inside = list(fresh.calls)
+  options = malloc_defaults.OPTIONS
+  assert inside == [(options[name][0], malloc_defaults.GLIBC_DEFAULTS[name]) for name in options]
+  assert fresh.calls[len(inside):] == [(param, value) for param, value, *_ in options.values()]
+
+
+def test_suspended_does_nothing_when_nothing_was_set(fresh):
+  with malloc_defaults.suspended():
+    pass
+  assert fresh.calls == []

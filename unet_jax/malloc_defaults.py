@@ -36,6 +36,7 @@ The options are set when ``unet_jax`` is imported, and only if all of these hold
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import os
@@ -48,6 +49,8 @@ OPTIONS = {
     "M_MMAP_MAX": (-4, 0, "MALLOC_MMAP_MAX_", "glibc.malloc.mmap_max"),
     "M_TRIM_THRESHOLD": (-1, -1, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
 }
+# glibc's own values (mallopt(3)), for suspended().
+GLIBC_DEFAULTS = {"M_MMAP_MAX": 65536, "M_TRIM_THRESHOLD": 128 * 1024}
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
                         "jax_rocm7_plugin", "libtpu")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
@@ -106,3 +109,23 @@ def apply() -> list[str]:
 def applied() -> list[str]:
   """The options ``import unet_jax`` set in this process (empty if none)."""
   return list(_applied)
+
+
+@contextlib.contextmanager
+def suspended():
+  """glibc's default values for the options set here, inside the ``with`` block.
+
+  For measuring a step's peak resident memory: with the options in effect, freed memory stays
+  resident, and a step that reuses it adds nothing to the process's resident size.
+  """
+  libc = _libc() if _applied else None
+  if libc is None:
+    yield
+    return
+  for name in _applied:
+    libc.mallopt(ctypes.c_int(OPTIONS[name][0]), ctypes.c_int(GLIBC_DEFAULTS[name]))
+  try:
+    yield
+  finally:
+    for name in _applied:
+      libc.mallopt(ctypes.c_int(OPTIONS[name][0]), ctypes.c_int(OPTIONS[name][1]))
