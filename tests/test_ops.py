@@ -4,6 +4,7 @@ import functools
 import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -184,7 +185,9 @@ def test_max_pool_matches_reduce_window(shape):
 
 def _flags_after_import(env):
   code = ("import os, unet_jax, jax; from unet_jax import xla_defaults; jax.devices(); "
-          "print(os.environ.get('XLA_FLAGS', '')); print(xla_defaults.applied())")
+          "print(os.environ.get('XLA_FLAGS', '')); print(xla_defaults.applied()); "
+          "print(xla_defaults.inline_dispatch(), "
+          "jax.config.values['jax_cpu_enable_async_dispatch'])")
   env = {k: v for k, v in {**os.environ, **env}.items() if v != ""}  # "" unsets a variable
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True, timeout=120)
@@ -194,14 +197,40 @@ def _flags_after_import(env):
 @pytest.mark.skipif(xla_defaults._jaxlib_version() < (0, 10),
                     reason="jaxlib < 0.10 has no YNNPACK fusions, so nothing is set")
 def test_xla_defaults_are_set_on_import_and_can_be_declined():
-  flags, applied = _flags_after_import({"XLA_FLAGS": "--xla_cpu_enable_fast_math=false",
-                                        "UNET_JAX_XLA_DEFAULTS": ""})
+  flags, applied, dispatch = _flags_after_import({
+      "XLA_FLAGS": "--xla_cpu_enable_fast_math=false", "UNET_JAX_XLA_DEFAULTS": ""})
   assert flags == "--xla_cpu_enable_fast_math=false " + xla_defaults.FLAG and applied == "True"
-  flags, applied = _flags_after_import({"XLA_FLAGS": "", "UNET_JAX_XLA_DEFAULTS": "0"})
-  assert flags == "" and applied == "False"
+  assert dispatch == "True False"  # inline dispatch set: async dispatch off
+  flags, applied, dispatch = _flags_after_import({"XLA_FLAGS": "",
+                                                  "UNET_JAX_XLA_DEFAULTS": "0"})
+  assert flags == "" and applied == "False" and dispatch == "False True"
   mine = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
-  flags, applied = _flags_after_import({"XLA_FLAGS": mine, "UNET_JAX_XLA_DEFAULTS": ""})
-  assert flags == mine and applied == "False"
+  flags, applied, dispatch = _flags_after_import({"XLA_FLAGS": mine,
+                                                  "UNET_JAX_XLA_DEFAULTS": ""})
+  assert flags == mine and applied == "False" and dispatch == "True False"
+
+
+def test_inline_dispatch_leaves_results_and_multi_device_steps_alone():
+  """With JAX's asynchronous dispatch off (as ``import unet_jax`` sets it), a single-device
+  call returns finished results, and an eight-device ``shard_map`` with a ``psum`` still
+  runs (multi-device computations keep asynchronous dispatch, so no device waits on one that
+  has not started)."""
+  code = textwrap.dedent("""
+      import unet_jax, jax, jax.numpy as jnp, numpy as np
+      jax.config.update("jax_num_cpu_devices", 8)
+      from unet_jax import parallel, xla_defaults
+      assert xla_defaults.inline_dispatch()
+      x = jnp.arange(16.0)
+      print(float(jax.jit(lambda x: (x * x).sum())(x)))
+      mesh = parallel.make_mesh(jax.devices())
+      f = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x.sum(), parallel.AXIS), mesh=mesh,
+                                in_specs=jax.P(parallel.AXIS), out_specs=jax.P()))
+      print(float(f(x)))
+  """)
+  env = {k: v for k, v in os.environ.items() if k != "UNET_JAX_XLA_DEFAULTS"}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, timeout=120).stdout.split()
+  assert out == ["1240.0", "120.0"]
 
 
 @pytest.mark.skipif(xla_defaults._jaxlib_version() < (0, 10),

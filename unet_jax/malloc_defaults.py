@@ -11,10 +11,11 @@ keep freed memory and hand it out again:
 * ``M_TRIM_THRESHOLD = -1``: freed memory at the top of the heap is not returned to the
   operating system.
 
-A block larger than 64 MiB that XLA allocates from one of its worker threads is still a fresh
-``mmap`` (glibc's per-thread arenas cannot grow past 64 MiB, and funnelling every thread into
-the main heap instead, ``M_ARENA_MAX = 1``, made steps slower), so at full width the scratch
-is still faulted in each step.
+A block larger than 64 MiB allocated from one of XLA's worker threads would still be a fresh
+``mmap`` (glibc's per-thread arenas cannot grow past 64 MiB; funnelling every thread into the
+main heap instead, ``M_ARENA_MAX = 1``, made steps slower), so ``unet_jax.xla_defaults``
+also has single-device steps run on the calling thread, which allocates from the main heap:
+that is what makes the options work for a full-width U-Net (297 MiB of scratch).
 
 The price is that the process keeps its peak memory (the scratch of its largest step) until it
 exits instead of returning it between steps. Results do not change. PyTorch's CPU tensors come
