@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from unet_jax import flops, malloc_defaults, model, native, parallel, train
+from unet_jax import flops, malloc_defaults, model, native, parallel, train, xla_defaults
 
 from memory import package_train_step
 from torch_unet import TorchUNet, torch_twin
@@ -194,6 +194,15 @@ class TorchRunner:
 
 # --- measuring --------------------------------------------------------------------------
 
+def _minor_faults() -> int | None:
+  """The process's minor page faults so far (Linux), or None."""
+  try:
+    with open("/proc/self/stat") as f:
+      return int(f.read().rsplit(")", 1)[1].split()[7])
+  except (OSError, IndexError, ValueError):
+    return None
+
+
 def _seconds(fn, iters: int) -> float:
   """Seconds per call over ``iters`` calls, after one untimed call.
 
@@ -221,10 +230,14 @@ def benchmark_case(preset: str, width: int, args) -> dict:
   parity = _parity(net, torch_twin(net), batch["image"])
   runners, results = _ready_runners(net, options, batch, args)
   times = {(r.name, phase): [] for r in runners for phase in ("train", "infer")}
+  faults = {key: 0 for key in times}
   for _ in range(args.repeats):  # interleaved: a slow spell on the machine hits everyone
     for phase in ("train", "infer"):
       for runner in runners:
+        before = _minor_faults()
         times[runner.name, phase].append(_seconds(getattr(runner, phase), args.iters))
+        if before is not None:
+          faults[runner.name, phase] += _minor_faults() - before
   counts = {"train": flops.train_step_flops(net, args.size, args.size, batch=args.batch),
             "infer": flops.forward_flops(net, args.size, args.size, batch=args.batch).model}
   for runner in runners:
@@ -233,6 +246,9 @@ def benchmark_case(preset: str, width: int, args) -> dict:
       out[f"{key}_s"] = statistics.median(times[runner.name, phase])
       out[f"{key}_all_s"] = times[runner.name, phase]
       out[f"{key}_gflops_per_s"] = counts[phase] / out[f"{key}_s"] / 1e9
+      if _minor_faults() is not None:  # the untimed call of each turn included
+        out[f"{key}_page_faults_per_call"] = (faults[runner.name, phase]
+                                              / (args.repeats * (args.iters + 1)))
       out[f"{key}_peak_bytes"], out["memory_method"] = peak_memory(getattr(runner, phase),
                                                                    runner.device)
     if runner.name != "torch":  # trace and compile: the first call less a steady step
@@ -297,6 +313,8 @@ def environment(args) -> dict:
           "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
           "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "native_kernels": native.status(), "malloc_defaults": malloc_defaults.applied(),
+          "xla_defaults": {"flag": xla_defaults.applied(),
+                           "inline_dispatch": xla_defaults.inline_dispatch()},
           "args": vars(args)}
 
 
@@ -315,8 +333,8 @@ def _fmt(value, digits=3):
 
 def markdown_table(results: list[dict]) -> str:
   rows = ["| preset | widths | input | batch | framework | train step (s) | ratio | inference (s) "
-          "| ratio | compile (s) | train GFLOP/s | train peak (MB) |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+          "| ratio | compile (s) | train GFLOP/s | train peak (MB) | page faults / step |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for case in results:
     for name in ("jax", "torch", "torch_compile"):
       out = case.get(name)
@@ -325,7 +343,7 @@ def markdown_table(results: list[dict]) -> str:
       head = (f"| {case['preset']} | {case['features'][0]}..{case['features'][-1]} | "
               f"{case['input'][0]}×{case['input'][1]} | {case['batch']} | {name} |")
       if "error" in out:
-        rows.append(f"{head} failed: {out['error'][:80]} | | | | | | |")
+        rows.append(f"{head} failed: {out['error'][:80]} | | | | | | | |")
         continue
       torch_out = case["torch"]
       train_ratio = out["train_step_s"] / torch_out["train_step_s"]
@@ -335,7 +353,8 @@ def markdown_table(results: list[dict]) -> str:
       rows.append(f"{head} {_fmt(out['train_step_s'])} | {train_ratio:.2f} | "
                   f"{_fmt(out['inference_s'])} | {infer_ratio:.2f} | {_fmt(compile_s)} | "
                   f"{_fmt(out['train_step_gflops_per_s'])} | "
-                  f"{_fmt(None if peak is None else peak / 2**20, 4)} |")
+                  f"{_fmt(None if peak is None else peak / 2**20, 4)} | "
+                  f"{_fmt(out.get('train_step_page_faults_per_call'), 4)} |")
   return "\n".join(rows)
 
 

@@ -73,6 +73,8 @@ def test_compare_pytorch_end_to_end(tmp_path):
                 "--warmup", "1", tmp_path=tmp_path)
   assert report["environment"]["torch_threads"] >= 1
   assert report["environment"]["native_kernels"]  # why the native kernels are or are not used
+  assert isinstance(report["environment"]["malloc_defaults"], list)
+  assert set(report["environment"]["xla_defaults"]) == {"flag", "inline_dispatch"}
   assert [case["preset"] for case in report["results"]] == ["walkthrough", "paper"]
   for case in report["results"]:
     assert case["features"] == [4, 8, 16] and case["input"] == [44, 44]
@@ -84,6 +86,8 @@ def test_compare_pytorch_end_to_end(tmp_path):
       for key in ("train_step_s", "inference_s", "first_call_s", "train_step_gflops_per_s"):
         assert out[key] > 0, (name, key)
       assert out["train_step_peak_bytes"] is None or out["train_step_peak_bytes"] >= 0
+      if os.path.exists("/proc/self/stat"):
+        assert out["train_step_page_faults_per_call"] >= 0
     assert case["jax"]["xla_temp_bytes"] > 0 and case["jax"]["compile_s"] >= 0
     for key in ("train_step", "inference"):
       assert case["ratio"][key] == pytest.approx(case["jax"][f"{key}_s"]
