@@ -4,7 +4,8 @@
 
 Times the same step as ``compare_pytorch.py`` (``unet_jax.train.train_step`` through
 ``parallel.data_parallel`` on one device, SGD with momentum 0.99, donated state) without
-needing PyTorch, so it runs on any Python the package supports. Prints medians as JSON.
+needing PyTorch, so it runs on any Python the package supports. Prints medians as JSON: of
+``--repeats`` steps back to back, then as many forward passes.
 """
 
 import argparse
@@ -57,15 +58,19 @@ def main() -> None:
   jax.block_until_ready(state)
   compile_s = time.perf_counter() - start
   jax.block_until_ready(forward(state, batch["image"]))
+  # Steps back to back, then forward passes back to back, as a training loop runs them: the
+  # first call after a switch finds the other's buffers in memory, so it is not timed.
   steps, forwards = [], []
-  for _ in range(args.repeats):
+  for _ in range(args.repeats + 1):
     start = time.perf_counter()
     state, _ = step(state, batch)
     jax.block_until_ready(state)
     steps.append(time.perf_counter() - start)
+  for _ in range(args.repeats + 1):
     start = time.perf_counter()
     jax.block_until_ready(forward(state, batch["image"]))
     forwards.append(time.perf_counter() - start)
+  steps, forwards = steps[1:], forwards[1:]
   print(json.dumps({"python": platform.python_version(), "jax": jax.__version__,
                     "preset": args.preset, "width": args.width, "size": args.size,
                     "batch": args.batch, "train_step_s": statistics.median(steps),
