@@ -45,10 +45,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime
 import functools
-import gc
 import json
 import os
 import platform
@@ -71,47 +69,8 @@ from flax import nnx
 from unet_jax import flops, malloc_defaults, model, native, parallel, train, xla_defaults
 
 from memory import package_train_step
+from process_stats import minor_faults, peak_memory
 from torch_unet import TorchUNet, torch_twin
-
-
-# --- memory -----------------------------------------------------------------------------
-
-def _rss_bytes(field: str) -> int:
-  with open("/proc/self/status") as f:
-    return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-
-def _can_reset_rss_peak() -> bool:
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
-
-
-def peak_memory(run, device: str) -> tuple[int | None, str]:
-  """Peak memory of one call of ``run`` above the level before it, and how it was measured."""
-  if device == "cuda":
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    run()
-    return torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
-  if device == "jax-gpu":  # the allocator's peak cannot be reset: it covers the whole process
-    run()
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use"), "jax memory_stats peak_bytes_in_use (process lifetime)"
-  if not _can_reset_rss_peak():
-    return None, "unavailable (needs Linux /proc/self/clear_refs)"
-  with malloc_defaults.suspended():  # else freed memory stays resident and is reused unseen
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-      ctypes.CDLL("libc.so.6").malloc_trim(0)
-    _can_reset_rss_peak()
-    before = _rss_bytes("VmRSS")
-    run()
-    return _rss_bytes("VmHWM") - before, "process peak RSS above the level before the step"
 
 
 # --- the contenders ---------------------------------------------------------------------
@@ -194,15 +153,6 @@ class TorchRunner:
 
 # --- measuring --------------------------------------------------------------------------
 
-def _minor_faults() -> int | None:
-  """The process's minor page faults so far (Linux), or None."""
-  try:
-    with open("/proc/self/stat") as f:
-      return int(f.read().rsplit(")", 1)[1].split()[7])
-  except (OSError, IndexError, ValueError):
-    return None
-
-
 def _seconds(fn, iters: int) -> float:
   """Seconds per call over ``iters`` calls, after one untimed call.
 
@@ -231,13 +181,14 @@ def benchmark_case(preset: str, width: int, args) -> dict:
   runners, results = _ready_runners(net, options, batch, args)
   times = {(r.name, phase): [] for r in runners for phase in ("train", "infer")}
   faults = {key: 0 for key in times}
+  count_faults = minor_faults() is not None
   for _ in range(args.repeats):  # interleaved: a slow spell on the machine hits everyone
     for phase in ("train", "infer"):
       for runner in runners:
-        before = _minor_faults()
+        before = minor_faults() if count_faults else 0
         times[runner.name, phase].append(_seconds(getattr(runner, phase), args.iters))
-        if before is not None:
-          faults[runner.name, phase] += _minor_faults() - before
+        if count_faults:
+          faults[runner.name, phase] += minor_faults() - before
   counts = {"train": flops.train_step_flops(net, args.size, args.size, batch=args.batch),
             "infer": flops.forward_flops(net, args.size, args.size, batch=args.batch).model}
   for runner in runners:
@@ -246,7 +197,7 @@ def benchmark_case(preset: str, width: int, args) -> dict:
       out[f"{key}_s"] = statistics.median(times[runner.name, phase])
       out[f"{key}_all_s"] = times[runner.name, phase]
       out[f"{key}_gflops_per_s"] = counts[phase] / out[f"{key}_s"] / 1e9
-      if _minor_faults() is not None:  # the untimed call of each turn included
+      if count_faults:  # the untimed call of each turn included
         out[f"{key}_page_faults_per_call"] = (faults[runner.name, phase]
                                               / (args.repeats * (args.iters + 1)))
       out[f"{key}_peak_bytes"], out["memory_method"] = peak_memory(getattr(runner, phase),

@@ -69,6 +69,10 @@ def _libc():
     return None
 
 
+def _mallopt(libc, name: str, value: int) -> bool:
+  return libc.mallopt(ctypes.c_int(OPTIONS[name][0]), ctypes.c_int(value)) == 1
+
+
 def _accelerator_plugin_installed() -> bool:
   try:  # PJRT plugins register in the jax_plugins namespace (jax_plugins.xla_cuda12, ...)
     import jax_plugins
@@ -99,10 +103,8 @@ def apply() -> list[str]:
   if libc is None:
     return []
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  for name, (param, value, variable, tunable) in OPTIONS.items():
-    if variable in os.environ or tunable in tunables:
-      continue
-    if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) == 1:
+  for name, (_, value, variable, tunable) in OPTIONS.items():
+    if variable not in os.environ and tunable not in tunables and _mallopt(libc, name, value):
       _applied.append(name)
   return list(_applied)
 
@@ -124,9 +126,9 @@ def suspended():
     yield
     return
   for name in _applied:
-    libc.mallopt(ctypes.c_int(OPTIONS[name][0]), ctypes.c_int(GLIBC_DEFAULTS[name]))
+    _mallopt(libc, name, GLIBC_DEFAULTS[name])
   try:
     yield
   finally:
     for name in _applied:
-      libc.mallopt(ctypes.c_int(OPTIONS[name][0]), ctypes.c_int(OPTIONS[name][1]))
+      _mallopt(libc, name, OPTIONS[name][1])

@@ -24,6 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -114,17 +115,17 @@ int64_t ForwardTail(const float* x, const float* w, float* y, int64_t j, int64_t
 template <int V, int P, int CIN>
 void ForwardRow(const float* x, const float* w, float* y, int64_t c_in, int64_t width,
                 int64_t out_width, int64_t c_out, int64_t kh, int64_t kw, int64_t o0) {
-  int64_t j = 0;
-  for (; j + P <= out_width; j += P) {
-    ForwardTile<P, V, CIN>(x + j * c_in, w + o0, y + j * c_out + o0, c_in, width, c_out, kh,
-                           kw);
-  }
-  // The last pixels of the row in ever smaller tiles: a tile of one pixel and one vector is a
-  // single chain of dependent multiply-adds, several times slower per pixel than a full tile.
-  if constexpr (P > 8) j = ForwardTail<8, V, CIN>(x, w, y, j, c_in, width, out_width, c_out, kh, kw, o0);
-  if constexpr (P > 4) j = ForwardTail<4, V, CIN>(x, w, y, j, c_in, width, out_width, c_out, kh, kw, o0);
-  if constexpr (P > 2) j = ForwardTail<2, V, CIN>(x, w, y, j, c_in, width, out_width, c_out, kh, kw, o0);
-  ForwardTail<1, V, CIN>(x, w, y, j, c_in, width, out_width, c_out, kh, kw, o0);
+  // Full tiles, then the last pixels of the row in ever smaller tiles: a tile of one pixel and
+  // one vector is a single chain of dependent multiply-adds, several times slower per pixel.
+  const auto tail = [&](auto tile, int64_t j) {
+    return ForwardTail<decltype(tile)::value, V, CIN>(x, w, y, j, c_in, width, out_width,
+                                                       c_out, kh, kw, o0);
+  };
+  int64_t j = tail(std::integral_constant<int, P>(), 0);
+  if constexpr (P > 8) j = tail(std::integral_constant<int, 8>(), j);
+  if constexpr (P > 4) j = tail(std::integral_constant<int, 4>(), j);
+  if constexpr (P > 2) j = tail(std::integral_constant<int, 2>(), j);
+  tail(std::integral_constant<int, 1>(), j);
 }
 
 template <int CIN>
