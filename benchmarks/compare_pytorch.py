@@ -30,6 +30,10 @@ above 1, JAX is slower.
 * Both frameworks run in one process, so both get the ``malloc`` options that
   ``import unet_jax`` sets (``unet_jax.malloc_defaults``; recorded in the JSON);
   ``UNET_JAX_MALLOC_DEFAULTS=0`` measures both under glibc's defaults instead.
+* On CPUs, the round trip of a cache line between two cores (``core_latency.py``) is
+  measured before every turn and printed: a JAX step slows down by a third when its two
+  cores do not share a cache (hundreds of nanoseconds instead of tens), PyTorch's by a tenth,
+  and a virtual machine's host may move its CPUs in mid-run.
 * GFLOP/s use ``unet_jax.flops`` (a training step counts as three forward passes).
 * ``--torch-compile`` adds ``torch.compile(model)``; a failure is reported, not raised.
 * PyTorch runs with its default thread count (recorded in the output) unless
@@ -68,6 +72,7 @@ from flax import nnx
 
 from unet_jax import flops, malloc_defaults, model, native, parallel, train, xla_defaults
 
+import core_latency
 from memory import package_train_step
 from process_stats import minor_faults, peak_memory
 from torch_unet import TorchUNet, torch_twin
@@ -182,7 +187,10 @@ def benchmark_case(preset: str, width: int, args) -> dict:
   times = {(r.name, phase): [] for r in runners for phase in ("train", "infer")}
   faults = {key: 0 for key in times}
   count_faults = minor_faults() is not None
+  round_trips = []
   for _ in range(args.repeats):  # interleaved: a slow spell on the machine hits everyone
+    if jax.default_backend() == "cpu":  # where the cores sit, turn by turn (core_latency.py)
+      round_trips.append(core_latency.round_trip_ns())
     for phase in ("train", "infer"):
       for runner in runners:
         before = minor_faults() if count_faults else 0
@@ -210,7 +218,8 @@ def benchmark_case(preset: str, width: int, args) -> dict:
   return {"preset": preset, "features": list(features), "input": [args.size, args.size],
           "output": list(out_hw), "batch": args.batch, "params": model.count_params(net),
           "gflop": {"train_step": counts["train"] / 1e9, "inference": counts["infer"] / 1e9},
-          "parity_max_abs_diff": parity, "ratio": ratio, **results}
+          "parity_max_abs_diff": parity, "ratio": ratio, "core_round_trip_ns": round_trips,
+          **results}
 
 
 def _ready_runners(net, options, batch, args) -> tuple[list, dict]:
@@ -353,6 +362,12 @@ def main(argv=None) -> list[dict]:
         f"{report['environment']['torch_threads']}; memory: {results[0]['jax']['memory_method']}; "
         f"malloc options set by unet_jax (both frameworks): "
         f"{report['environment']['malloc_defaults'] or 'none'}")
+  for case in results:
+    trips = [t for t in case["core_round_trip_ns"] if t is not None]
+    if trips:
+      print(f"core-to-core round trip before each turn, {case['preset']} "
+            f"{case['features'][0]}..{case['features'][-1]}: "
+            f"{', '.join(f'{t:.0f}' for t in trips)} ns")
   if args.output:
     with open(args.output, "w") as f:
       json.dump(report, f, indent=1)

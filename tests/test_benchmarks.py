@@ -65,6 +65,26 @@ def test_peak_table_and_override():
       "bf16": 900, "tf32": 495, "fp32": 67, "fp8": 1979}
 
 
+def _two_cpus():
+  return len(os.sched_getaffinity(0)) >= 2 if hasattr(os, "sched_getaffinity") else False
+
+
+def test_core_latency_probe_measures_two_cores_and_refuses_bad_ones():
+  import core_latency
+
+  if not (sys.platform.startswith("linux") and _two_cpus() and core_latency._compiler()):
+    pytest.skip("the probe needs Linux, two CPUs to pin to and a C compiler")
+  trips = core_latency.round_trips_ns(0.05)
+  assert trips and all(0 < t < 1e6 for t in trips)
+  assert 0 < core_latency.round_trip_ns(0.05) < 1e6
+  first = sorted(os.sched_getaffinity(0))[0]
+  assert core_latency.round_trips_ns(0.05, cpus=(first, 4096)) == []  # no such CPU to pin to
+  with pytest.raises(SystemExit, match="two CPU numbers"):
+    core_latency.main(["--cpus", "0"])
+  with pytest.raises(SystemExit, match="not both among the CPUs"):
+    core_latency.main(["--cpus", f"{first},4096"])
+
+
 @pytest.mark.slow
 def test_compare_pytorch_end_to_end(tmp_path):
   pytest.importorskip("torch")
@@ -89,6 +109,7 @@ def test_compare_pytorch_end_to_end(tmp_path):
       if os.path.exists("/proc/self/stat"):
         assert out["train_step_page_faults_per_call"] >= 0
     assert case["jax"]["xla_temp_bytes"] > 0 and case["jax"]["compile_s"] >= 0
+    assert len(case["core_round_trip_ns"]) == 2  # one per turn; None where no probe runs
     for key in ("train_step", "inference"):
       assert case["ratio"][key] == pytest.approx(case["jax"][f"{key}_s"]
                                                  / case["torch"][f"{key}_s"])
