@@ -44,6 +44,17 @@ def test_kernels_match_xla(n, h, w, c, o, kh, kw):
   np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-4)
 
 
+@needs_native
+def test_kernel_gradient_is_the_same_bit_for_bit_on_every_call():
+  # Many rows, shared out over the threads differently from call to call: the blocks of rows
+  # and their order of summation must not depend on which thread took which.
+  x, g = _normal((2, 66, 40, 32), 0), _normal((2, 64, 38, 32), 1)
+  grad = jax.jit(lambda x, g: native.conv_kernel_grad(x, g, (3, 3, 32, 32)))
+  first = np.asarray(grad(x, g))
+  for _ in range(12):
+    np.testing.assert_array_equal(np.asarray(grad(x, g)), first)
+
+
 # Large enough (batch × output pixels ≥ ops.NATIVE_MIN_ROWS) for ops to choose the kernels.
 @needs_native
 @pytest.mark.parametrize("c,o,padding", [

@@ -80,6 +80,35 @@ def test_data_parallel_step_equals_single_device_step():
   assert int(state.step) == 1
 
 
+def test_train_step_is_the_same_bit_for_bit_when_repeated():
+  """The same state and batch give the same parameters, to the bit, on the CPU: the native
+  kernels (used here: 16 output channels, 2 × 44 × 44 output pixels) sum in a fixed order."""
+  kwargs = dict(in_channels=1, num_classes=2, features=(16, 32))
+  tx = optax.sgd(0.1, momentum=0.9)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(2, 48, 48, 1)).astype(np.float32),
+           "label": rng.integers(0, 2, size=(2, 48, 48)).astype(np.int32)}
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  model = milesial(**kwargs, norm_axis_name="data", rngs=nnx.Rngs(0))
+  state, graphdef, _ = train.create_train_state(model, tx, seed=0)
+  step = parallel.data_parallel(
+      lambda s, b: train.train_step(s, b, graphdef=graphdef, tx=tx,
+                                    loss_config=tiny_config().loss, num_classes=2),
+      mesh, batch_argnums=(1,))
+  state, batch = parallel.replicate(state, mesh), parallel.shard_batch(batch, mesh)
+
+  def three_steps():
+    s = state
+    for _ in range(3):
+      s, _ = step(s, batch)
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(s.params)]
+
+  first = three_steps()
+  for _ in range(4):
+    for got, want in zip(three_steps(), first, strict=True):
+      np.testing.assert_array_equal(got, want)
+
+
 def _final_params(workdir):
   checkpoints = pathlib.Path(workdir) / "checkpoints"
   last = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())

@@ -16,6 +16,9 @@ later processes load it from there. Without a compiler, an AVX-512 x86-64 CPU un
 or a writable cache directory, the package uses XLA's convolutions and says why in
 ``status()``. ``UNET_JAX_NATIVE=0`` turns the kernels off.
 
+Both kernels give the same result, bit for bit, on every call: the kernel gradient sums
+fixed blocks of rows in a fixed order, whichever thread computed each.
+
 Loading the library runs no code but the two kernels, which only read and write the buffers
 XLA hands them.
 """

@@ -163,8 +163,8 @@ void Forward(ffi::ThreadPool& pool, const float* x, const float* w, float* y, in
 }
 
 // Kernel gradient: R consecutive input channels of one kernel tap (a, b) × V vectors of 16
-// output channels, summed over one row of output pixels and added to `dw` (a per-thread
-// partial sum). `x` points at the tap's first channel for the row's first pixel, so the R
+// output channels, summed over one row of output pixels and added to `dw` (the partial sum
+// of a block of rows). `x` points at the tap's first channel for the row's first pixel, so the R
 // broadcasts are constant offsets from one register. Small tiles (R · V < 8, for few input
 // channels) keep U partial sums over alternate pixels, so that at least 8 independent chains
 // of multiply-adds are in flight.
@@ -222,33 +222,45 @@ void KernelGradRow(const float* x, const float* g, float* dw, int64_t pixels, in
   }
 }
 
+// The rows of output pixels are cut into a fixed number of contiguous blocks, each summed
+// into its own partial kernel gradient in row order, and the partials are added in block
+// order: the result does not depend on which thread took which block, so the gradient is the
+// same, bit for bit, from one call to the next.
 void KernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw, int64_t n,
                 int64_t height, int64_t width, int64_t c_in, int64_t kh, int64_t kw,
                 int64_t c_out) {
   const int64_t out_height = height - kh + 1, out_width = width - kw + 1;
-  const int64_t rows = kh * kw * c_in, size = rows * c_out;
-  std::vector<float> partial(static_cast<size_t>(MaxSlots(pool)) * size, 0.0f);
-  const int slots = ParallelRows(pool, n * out_height, [&](int64_t r, int slot) {
-    float* mine = partial.data() + slot * size;
-    const int64_t image = r / out_height, i = r % out_height;
-    const float* xr = x + (image * height + i) * width * c_in;
-    const float* gr = g + r * out_width * c_out;
-    int64_t o0 = 0;
-    for (; o0 + 64 <= c_out; o0 += 64) {
-      KernelGradRow<4, 6>(xr, gr, mine, out_width, c_in, width, c_out, kh, kw, o0);
-    }
-    for (; o0 + 32 <= c_out; o0 += 32) {
-      KernelGradRow<2, 8>(xr, gr, mine, out_width, c_in, width, c_out, kh, kw, o0);
-    }
-    for (; o0 + 16 <= c_out; o0 += 16) {
-      KernelGradRow<1, 16>(xr, gr, mine, out_width, c_in, width, c_out, kh, kw, o0);
+  const int64_t size = kh * kw * c_in * c_out, rows = n * out_height;
+  const int64_t blocks = std::min<int64_t>(rows, 4 * MaxSlots(pool));
+  std::unique_ptr<float[]> partial(new float[static_cast<size_t>(blocks * size)]);
+  ParallelRows(pool, blocks, [&](int64_t block, int) {
+    float* mine = partial.get() + block * size;
+    std::fill(mine, mine + size, 0.0f);
+    for (int64_t r = rows * block / blocks; r < rows * (block + 1) / blocks; ++r) {
+      const int64_t image = r / out_height, i = r % out_height;
+      const float* xr = x + (image * height + i) * width * c_in;
+      const float* gr = g + r * out_width * c_out;
+      int64_t o0 = 0;
+      for (; o0 + 64 <= c_out; o0 += 64) {
+        KernelGradRow<4, 6>(xr, gr, mine, out_width, c_in, width, c_out, kh, kw, o0);
+      }
+      for (; o0 + 32 <= c_out; o0 += 32) {
+        KernelGradRow<2, 8>(xr, gr, mine, out_width, c_in, width, c_out, kh, kw, o0);
+      }
+      for (; o0 + 16 <= c_out; o0 += 16) {
+        KernelGradRow<1, 16>(xr, gr, mine, out_width, c_in, width, c_out, kh, kw, o0);
+      }
     }
   });
-  for (int64_t k = 0; k < size; ++k) {
-    float sum = 0.0f;
-    for (int slot = 0; slot < slots; ++slot) sum += partial[slot * size + k];
-    dw[k] = sum;
-  }
+  constexpr int64_t kChunk = 4096;  // floats of dw summed by one task
+  ParallelRows(pool, (size + kChunk - 1) / kChunk, [&](int64_t chunk, int) {
+    const int64_t end = std::min(size, (chunk + 1) * kChunk);
+    for (int64_t k = chunk * kChunk; k < end; ++k) dw[k] = partial[k];
+    for (int64_t block = 1; block < blocks; ++block) {
+      const float* from = partial.get() + block * size;
+      for (int64_t k = chunk * kChunk; k < end; ++k) dw[k] += from[k];
+    }
+  });
 }
 
 ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
