@@ -104,7 +104,7 @@ def probe_path() -> str | None:
   if compiler is None or not sys.platform.startswith("linux"):
     return None
   key = hashlib.sha256(_SOURCE.encode() + compiler.encode()).hexdigest()[:16]
-  path = native._cache_dir() / f"core_latency-{key}"
+  path = native.cache_dir() / f"core_latency-{key}"
   if path.exists():
     return str(path)
   try:

@@ -182,17 +182,21 @@ def test_indivisible_global_batch_is_refused(tmp_path):
     train.train_and_evaluate(tiny_config(batch_size=6), str(tmp_path))
 
 
-def _run_train_py(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _run_train_py(*args, **env_overrides):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env_overrides)
   return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True,
                         text=True, timeout=300, env=env, cwd=ROOT)
 
 
 def test_command_line_overrides_reach_the_run(tmp_path):
+  cache = tmp_path / "xla_cache"
   result = _run_train_py(f"--config={ROOT}/configs/default.py:tiny", "--config.num_steps=2",
-                         "--config.optimizer.learning_rate=0.01", f"--workdir={tmp_path}")
+                         "--config.optimizer.learning_rate=0.01", f"--workdir={tmp_path}",
+                         f"--compilation_cache={cache}",
+                         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "final validation:" in result.stdout
+  assert any(cache.iterdir())  # the compiled steps, for the next run of the same command
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["train"]["num_steps"] == 2
   assert saved["train"]["optimizer"]["learning_rate"] == 0.01

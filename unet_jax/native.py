@@ -88,7 +88,8 @@ def _compiler() -> str | None:
   return None
 
 
-def _cache_dir() -> pathlib.Path:
+def cache_dir() -> pathlib.Path:
+  """The package's cache directory (see the module's docstring)."""
   if os.environ.get("UNET_JAX_CACHE_DIR"):
     return pathlib.Path(os.environ["UNET_JAX_CACHE_DIR"])
   base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
@@ -115,7 +116,7 @@ def _load() -> pathlib.Path:
   source = SOURCE.read_bytes()
   key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), version.encode(),
                                    flags.encode()])).hexdigest()[:16]
-  library = _cache_dir() / f"conv-{key}.so"
+  library = cache_dir() / f"conv-{key}.so"
   if not library.exists():
     _compile(compiler, library)
   try:
