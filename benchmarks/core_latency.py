@@ -124,6 +124,10 @@ def probe_path() -> str | None:
   return str(path)
 
 
+def _allowed_cpus() -> list[int]:
+  return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
 def round_trips_ns(seconds: float = 0.1, cpus: tuple[int, int] | None = None) -> list[float]:
   """Round trips (ns) between two cores, one per 2,000 trips, for about ``seconds``.
 
@@ -131,7 +135,7 @@ def round_trips_ns(seconds: float = 0.1, cpus: tuple[int, int] | None = None) ->
   cannot run (see the module's docstring).
   """
   if cpus is None:
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    allowed = _allowed_cpus()
     if len(allowed) < 2:
       return []
     cpus = (allowed[0], allowed[1])
@@ -169,7 +173,7 @@ def main(argv=None) -> None:
       cpus = ()
     if len(cpus) != 2:
       raise SystemExit(f"--cpus: expected two CPU numbers like 0,1, got {args.cpus!r}")
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    allowed = _allowed_cpus()
     if not set(cpus) <= set(allowed):
       raise SystemExit(f"--cpus: {args.cpus} are not both among the CPUs this process may "
                        f"use: {allowed}")

@@ -35,39 +35,30 @@ namespace {
 
 #define UNROLL _Pragma("GCC unroll 32")
 
-// Calls body(row, slot) once for every row in [0, rows), on the calling thread and on up to
-// pool.num_threads() tasks of XLA's thread pool; `slot` numbers the threads that took part,
-// from 0, for per-thread partial results (at most num_threads() + 1 of them). Rows are handed
-// out one at a time, so a task that starts late (its thread was busy) finds none left and
-// returns without touching `body`; the caller waits only for tasks that took a row.
+// Calls body(row) once for every row in [0, rows), on the calling thread and on up to
+// pool.num_threads() tasks of XLA's thread pool. Rows are handed out one at a time, so a task
+// that starts late (its thread was busy) finds none left and returns without touching `body`;
+// the caller waits only for tasks that took a row.
 struct Rows {
   std::atomic<int64_t> next{0};
   std::atomic<int> active{0};
-  std::atomic<int> slots{0};
   int64_t count = 0;
 };
 
 template <typename Body>
-int ParallelRows(ffi::ThreadPool& pool, int64_t rows, const Body& body) {
+void ParallelRows(ffi::ThreadPool& pool, int64_t rows, const Body& body) {
   auto work = std::make_shared<Rows>();
   work->count = rows;
   auto take_rows = [work, &body]() {
     work->active.fetch_add(1);
-    int slot = -1;
-    for (int64_t row; (row = work->next.fetch_add(1)) < work->count;) {
-      if (slot < 0) slot = work->slots.fetch_add(1);
-      body(row, slot);
-    }
+    for (int64_t row; (row = work->next.fetch_add(1)) < work->count;) body(row);
     work->active.fetch_sub(1);
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), rows - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([take_rows] { take_rows(); });
   take_rows();
   while (work->next.load() < work->count || work->active.load() != 0) _mm_pause();
-  return work->slots.load();
 }
-
-int MaxSlots(ffi::ThreadPool& pool) { return static_cast<int>(pool.num_threads()) + 1; }
 
 // Forward: P output pixels of one row × V vectors of 16 output channels. CIN, when not 0,
 // is the number of input channels known at compile time: the P pixels' addresses are then
@@ -133,7 +124,7 @@ void ForwardRows(ffi::ThreadPool& pool, const float* x, const float* w, float* y
                  int64_t height, int64_t width, int64_t c_in, int64_t kh, int64_t kw,
                  int64_t c_out) {
   const int64_t out_height = height - kh + 1, out_width = width - kw + 1;
-  ParallelRows(pool, n * out_height, [&](int64_t r, int) {
+  ParallelRows(pool, n * out_height, [&](int64_t r) {
     const int64_t image = r / out_height, i = r % out_height;
     const float* xr = x + (image * height + i) * width * c_in;
     float* yr = y + r * out_width * c_out;
@@ -164,10 +155,10 @@ void Forward(ffi::ThreadPool& pool, const float* x, const float* w, float* y, in
 
 // Kernel gradient: R consecutive input channels of one kernel tap (a, b) × V vectors of 16
 // output channels, summed over one row of output pixels and added to `dw` (the partial sum
-// of a block of rows). `x` points at the tap's first channel for the row's first pixel, so the R
-// broadcasts are constant offsets from one register. Small tiles (R · V < 8, for few input
-// channels) keep U partial sums over alternate pixels, so that at least 8 independent chains
-// of multiply-adds are in flight.
+// of a block of rows). `x` points at the tap's first channel for the row's first pixel, so
+// the R broadcasts are constant offsets from one register. Small tiles (R · V < 8, for few
+// input channels) keep U partial sums over alternate pixels, so that at least 8 independent
+// chains of multiply-adds are in flight.
 template <int R, int V>
 inline void KernelGradTile(const float* __restrict x, const float* __restrict g,
                            float* __restrict dw, int64_t pixels, int64_t c_in, int64_t c_out) {
@@ -231,9 +222,10 @@ void KernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw
                 int64_t c_out) {
   const int64_t out_height = height - kh + 1, out_width = width - kw + 1;
   const int64_t size = kh * kw * c_in * c_out, rows = n * out_height;
-  const int64_t blocks = std::min<int64_t>(rows, 4 * MaxSlots(pool));
+  // 4 blocks for each thread that can take part: the calling one and the pool's.
+  const int64_t blocks = std::min<int64_t>(rows, 4 * (pool.num_threads() + 1));
   std::unique_ptr<float[]> partial(new float[static_cast<size_t>(blocks * size)]);
-  ParallelRows(pool, blocks, [&](int64_t block, int) {
+  ParallelRows(pool, blocks, [&](int64_t block) {
     float* mine = partial.get() + block * size;
     std::fill(mine, mine + size, 0.0f);
     for (int64_t r = rows * block / blocks; r < rows * (block + 1) / blocks; ++r) {
@@ -253,7 +245,7 @@ void KernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw
     }
   });
   constexpr int64_t kChunk = 4096;  // floats of dw summed by one task
-  ParallelRows(pool, (size + kChunk - 1) / kChunk, [&](int64_t chunk, int) {
+  ParallelRows(pool, (size + kChunk - 1) / kChunk, [&](int64_t chunk) {
     const int64_t end = std::min(size, (chunk + 1) * kChunk);
     for (int64_t k = chunk * kChunk; k < end; ++k) dw[k] = partial[k];
     for (int64_t block = 1; block < blocks; ++block) {
