@@ -17,7 +17,7 @@ above 1, JAX is slower.
 
 * JAX's training step is the package's own: ``unet_jax.train.train_step`` wrapped by
   ``parallel.data_parallel`` on a one-device mesh, with the state donated, which is what
-  ``train.py`` runs. It also computes a confusion matrix and gradient and parameter norms,
+  ``training.py`` runs. It also computes a confusion matrix and gradient and parameter norms,
   which PyTorch's loop does not; ``--jax-step plain`` times a bare ``jax.jit`` step (loss,
   gradients, SGD, BatchNorm statistics, donated state) instead.
 * Inference is the eval-mode forward pass: ``jax.jit`` of the merged model, and PyTorch's
@@ -110,7 +110,7 @@ class JaxRunner:
     return getattr(analysis, "temp_size_in_bytes", None)
 
 
-def plain_train_step(state: train.TrainState, batch, *, graphdef, tx):
+def plain_train_step(state: training.TrainState, batch, *, graphdef, tx):
   """Loss, gradients, SGD and BatchNorm statistics: what PyTorch's loop does, nothing more."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
 

@@ -9,7 +9,7 @@ Command (one H100; a few minutes, mostly XLA compiling each case; no new case st
   python benchmarks/gpu.py --smoke       # seconds on a CPU: tiny widths and inputs
 
 Without a GPU the smoke sizes are used automatically, so the script can be checked anywhere.
-JAX runs the package's training step (``train.train_step`` mapped by ``parallel.data_parallel``
+JAX runs the package's training step (``training.train_step`` mapped by ``parallel.data_parallel``
 over the GPUs, state donated, SGD with momentum 0.99, cross-entropy), compiled ahead of time so
 that the compile time is its own column; ``bf16`` is ``UNet(dtype=jnp.bfloat16)`` with float32
 parameters. Model FLOP utilisation (MFU) divides ``unet_jax.flops.train_step_flops`` per second
@@ -42,7 +42,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from unet_jax import flops, model, parallel
+from unet_jax import flops, model
+from unet_jax.training import parallel
 from unet_jax.geometry import Geometry
 
 from memory import package_train_step

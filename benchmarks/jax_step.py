@@ -22,7 +22,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from unet_jax import parallel, train
+from unet_jax import training
+from unet_jax.training import parallel
 from unet_jax.model import PRESETS
 
 
@@ -40,11 +41,11 @@ def main() -> None:
                                rngs=nnx.Rngs(0))
   output = model.output_shape(args.size, args.size)
   tx = optax.sgd(1e-3, momentum=0.99)
-  state, graphdef, eval_graphdef = train.create_train_state(model, tx, seed=0)
+  state, graphdef, eval_graphdef = training.create_train_state(model, tx, seed=0)
   mesh = parallel.make_mesh(jax.devices()[:1])
   loss = ml_collections.ConfigDict({"name": "cross_entropy"})
   step = parallel.data_parallel(
-      functools.partial(train.train_step, graphdef=graphdef, tx=tx, loss_config=loss,
+      functools.partial(training.train_step, graphdef=graphdef, tx=tx, loss_config=loss,
                         num_classes=2), mesh, batch_argnums=(1,), donate_argnums=(0,))
   rng = np.random.default_rng(0)
   batch = parallel.shard_batch(

@@ -6,7 +6,7 @@ Command (the paper's network at 572×572; about 4 compilations per variant, minu
   python benchmarks/memory.py --budget-gb 16          # largest batch that fits in 16 GiB
   python benchmarks/memory.py --size 44 --width 4 --depth 2 --variants off-fp32,on-bf16  # seconds
 
-Nothing is executed: each variant of the package's training step (``train.train_step`` mapped by
+Nothing is executed: each variant of the package's training step (``training.train_step`` mapped by
 ``parallel.data_parallel`` on one device, state donated) is compiled for the backend at hand,
 and XLA's ``compiled.memory_analysis()`` reports its buffers. That is deterministic, works on
 CPUs as on GPUs, and needs no memory of the size it reports. ``peak_bytes`` is
@@ -34,17 +34,18 @@ import ml_collections
 import optax
 from flax import nnx
 
-from unet_jax import model, parallel, train
+from unet_jax import model, training
+from unet_jax.training import parallel
 
 VARIANTS = ("off-fp32", "on-fp32", "off-bf16", "on-bf16")
 
 
 def package_train_step(net: model.UNet, tx: optax.GradientTransformation,
                        mesh: jax.sharding.Mesh, *, seed: int = 0):
-  """``train.train_step`` as ``train.py`` runs it: ``data_parallel`` over ``mesh``, the state
+  """``training.train_step`` as ``training.py`` runs it: ``data_parallel`` over ``mesh``, the state
   donated, cross-entropy loss. Returns ``(step, initial state, eval graphdef)``."""
-  state, graphdef, eval_graphdef = train.create_train_state(net, tx, seed)
-  step = functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+  state, graphdef, eval_graphdef = training.create_train_state(net, tx, seed)
+  step = functools.partial(training.train_step, graphdef=graphdef, tx=tx,
                            loss_config=ml_collections.ConfigDict({"name": "cross_entropy"}),
                            num_classes=net.num_classes)
   return (parallel.data_parallel(step, mesh, batch_argnums=(1,), donate_argnums=(0,)), state,

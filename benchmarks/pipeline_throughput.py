@@ -6,10 +6,10 @@ Command (about a minute on a 2-core CPU):
   python benchmarks/pipeline_throughput.py --config=configs/isbi2012.py:small \
       --config.data.num_workers=2 --seconds=20
 
-* **pipeline**: batches from ``pipeline.train_iterator`` exactly as ``train.py`` builds it
+* **pipeline**: batches from ``pipeline.train_iterator`` exactly as ``training.py`` builds it
   (source, weight map on each whole label, random tiles with the config's augmentation,
   grain threads / worker processes, prefetch), timed for ``--seconds`` after a warm-up batch.
-* **step**: the jitted, data-parallel ``train.train_step`` that ``train_and_evaluate`` runs,
+* **step**: the jitted, data-parallel ``training.train_step`` that ``train_and_evaluate`` runs,
   on one batch held in device memory, timed for ``--seconds`` after compilation.
 * **ratio** = pipeline samples/s ÷ step samples/s: above 1 the pipeline keeps up.
 
@@ -41,7 +41,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unet_jax import parallel, train
+from unet_jax import training
+from unet_jax.training import parallel
 from unet_jax.data import pipeline
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -66,8 +67,8 @@ def main(argv):
   config, seconds = flags.FLAGS.config, flags.FLAGS.seconds
   mesh = parallel.make_mesh()
   local_batch = parallel.local_batch_size(config.batch_size, mesh)
-  kwargs = train.model_kwargs(config.model)
-  model = train.create_model(kwargs, seed=config.seed, norm_axis_name=parallel.AXIS)
+  kwargs = training.model_kwargs(config.model)
+  model = training.create_model(kwargs, seed=config.seed, norm_axis_name=parallel.AXIS)
   input_hw, output_hw = pipeline.tile_shapes(config.data, model.geometry)
   dataset = pipeline.train_dataset(config.data, input_hw=input_hw, output_hw=output_hw,
                                    local_batch=local_batch)
@@ -80,10 +81,10 @@ def main(argv):
         f"{config.data.num_threads} threads, {config.data.get('num_workers', 0)} workers)")
   del iterator
 
-  tx = train.create_optimizer(config.optimizer, config.num_steps)
-  state, graphdef, _ = train.create_train_state(model, tx, config.seed)
+  tx = training.create_optimizer(config.optimizer, config.num_steps)
+  state, graphdef, _ = training.create_train_state(model, tx, config.seed)
   step = parallel.data_parallel(
-      functools.partial(train.train_step, graphdef=graphdef, tx=tx, loss_config=config.loss,
+      functools.partial(training.train_step, graphdef=graphdef, tx=tx, loss_config=config.loss,
                         num_classes=kwargs["num_classes"]),
       mesh, batch_argnums=(1,), donate_argnums=(0,))
   holder = {"state": parallel.replicate(state, mesh)}

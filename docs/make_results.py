@@ -21,9 +21,9 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from unet_jax import metrics  # noqa: E402
-from unet_jax.checkpoint import load_model  # noqa: E402
+from unet_jax.training.checkpoint import load_model  # noqa: E402
 from unet_jax.data import isbi2012  # noqa: E402
-from unet_jax.predict import predict_image  # noqa: E402
+from unet_jax.inference.predict import predict_image  # noqa: E402
 
 
 def curves(workdir: pathlib.Path, out: pathlib.Path) -> None:

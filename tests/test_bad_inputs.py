@@ -1,7 +1,7 @@
 """The inputs users get wrong, fed to every entry point: 32 cases.
 
 Model call (4), overlap-tile prediction (7), converter (4), training configuration and data
-(10), train.py flags (2), multi-process start-up (2), predict and evaluate command lines (3).
+(10), training.py flags (2), multi-process start-up (2), predict and evaluate command lines (3).
 Each must end in a clear error that says what was wrong (or in documented handling), and
 never leave a corrupted workdir behind.
 """
@@ -18,7 +18,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from unet_jax import convert, distributed, evaluate, predict, train
+from unet_jax import convert, evaluate, predict, training
+from unet_jax.training import distributed
 from unet_jax.model import milesial, paper, walkthrough
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -102,7 +103,7 @@ def test_converter_refuses_a_state_dict_of_another_network():
 
 def test_converter_cli_reports_an_unwritable_output(tmp_path):
   net = walkthrough(1, 2, features=(4, 8, 16, 32, 64), rngs=nnx.Rngs(0))
-  from unet_jax import pth
+  from unet_jax.interop import pth
   pth.save_safetensors(convert.to_pytorch(net, "walkthrough"), tmp_path / "m.safetensors")
   blocker = tmp_path / "file"
   blocker.write_text("")
@@ -131,7 +132,7 @@ def _no_partial_checkpoints(workdir):
 ])
 def test_training_configuration(tmp_path, changes, error, message):
   with pytest.raises(error, match=message):
-    train.train_and_evaluate(_tiny(**changes), str(tmp_path))
+    training.train_and_evaluate(_tiny(**changes), str(tmp_path))
   _no_partial_checkpoints(tmp_path)
 
 
@@ -139,10 +140,10 @@ def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")
   with pytest.raises(ValueError, match=r"workdir .* cannot be written"):
-    train.train_and_evaluate(_tiny(), str(blocker / "run"))
+    training.train_and_evaluate(_tiny(), str(blocker / "run"))
 
 
-# train.py flags -------------------------------------------------------------------------------
+# training.py flags -------------------------------------------------------------------------------
 
 def _train_py(*args):
   return subprocess.run([sys.executable, str(ROOT / "train.py"),

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unet_jax.checkpoint import Checkpointer
+from unet_jax.training.checkpoint import Checkpointer
 from unet_jax.data import pipeline
 from unet_jax.geometry import Geometry
 

@@ -11,7 +11,8 @@ import optax
 import pytest
 from flax import nnx
 
-from unet_jax import convert, pth
+from unet_jax import convert
+from unet_jax.interop import pth
 
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch (pip install '.[test]')")
 import torch_models  # noqa: E402  (needs torch)

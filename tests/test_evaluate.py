@@ -8,7 +8,8 @@ import tifffile
 from flax import nnx
 from PIL import Image
 
-from unet_jax import convert, evaluate, images, metrics, predict
+from unet_jax import convert, evaluate, metrics, predict
+from unet_jax.inference import images
 from unet_jax.model import UNet
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from unet_jax.checkpoint import read_tree
+from unet_jax.training.checkpoint import read_tree
 
 ROOT = pathlib.Path(__file__).parents[1]
 pytestmark = pytest.mark.slow

@@ -1,6 +1,9 @@
-"""``unet_jax.native``: the compiled CPU convolutions agree with XLA's; everything falls back."""
+"""``unet_jax.cpu.native``: the compiled CPU convolutions agree with XLA's, load only from a safe
+place, and everything falls back."""
 
 import os
+import pathlib
+import stat
 import subprocess
 import sys
 
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from unet_jax import native, ops
+from unet_jax.cpu import native, ops
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 needs_native = pytest.mark.skipif(
@@ -93,7 +96,7 @@ def test_small_maps_and_wide_kernels_stay_on_xla():
 def _in_subprocess(env: dict) -> str:
   code = ("import jax, jax.numpy as jnp, numpy as np\n"
           "from jax import lax\n"
-          "from unet_jax import native, ops\n"
+          "from unet_jax.cpu import native, ops\n"
           "x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 40, 40, 16)), "
           "jnp.float32)\n"
           "k = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 16, 16)), "
@@ -136,3 +139,74 @@ def test_a_failed_build_is_reported_and_leaves_no_library(tmp_path):
   if "AVX-512" not in reason and "x86-64" not in reason:
     assert "compiling conv.cc failed" in reason and "error: no" in reason
     assert not list(cache.glob("*.so"))
+
+
+def _built_cache(tmp_path) -> pathlib.Path:
+  """A cache directory holding a freshly built library (skips where none can be built)."""
+  cache = tmp_path / "cache"
+  available, _, reason = _in_subprocess({"UNET_JAX_CACHE_DIR": str(cache)}).split("|")
+  if available != "True":
+    pytest.skip(f"the native kernels cannot be built here: {reason}")
+  return cache
+
+
+def test_the_cache_directory_is_private_and_the_library_is_this_users(tmp_path):
+  cache = _built_cache(tmp_path)
+  assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+  (library,) = cache.glob("conv-*.so")
+  assert library.stat().st_uid == os.geteuid()
+  assert not library.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770])
+def test_a_cache_directory_others_can_write_is_refused(tmp_path, mode):
+  cache = _built_cache(tmp_path)
+  cache.chmod(mode)
+  available, used, reason = _in_subprocess({"UNET_JAX_CACHE_DIR": str(cache)}).split("|")
+  assert (available, used) == ("False", "False")
+  assert f"directory {cache} is writable by" in reason and "UNET_JAX_CACHE_DIR" in reason
+
+
+def test_a_library_others_can_write_is_refused(tmp_path):
+  cache = _built_cache(tmp_path)
+  (library,) = cache.glob("conv-*.so")
+  library.chmod(0o777)
+  available, used, reason = _in_subprocess({"UNET_JAX_CACHE_DIR": str(cache)}).split("|")
+  assert (available, used) == ("False", "False") and "writable by others" in reason
+
+
+PLANTED = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+  FILE *f = fopen(MARKER, "w"); if (f) { fputs("ran", f); fclose(f); }
+}
+void UnetJaxConvForward(void) {}
+void UnetJaxConvKernelGrad(void) {}
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_planted_library_of_another_user_never_runs(tmp_path):
+  """A library with the expected name, planted by someone else, is refused before loading:
+  its constructor (which would write a marker file) never runs, and XLA is used."""
+  cache = _built_cache(tmp_path)
+  (library,) = cache.glob("conv-*.so")
+  marker = tmp_path / "marker"
+  source = tmp_path / "planted.c"
+  source.write_text(PLANTED)
+  subprocess.run(["cc", "-shared", "-fPIC", f'-DMARKER="{marker}"', str(source), "-o",
+                  str(library)], check=True)
+  library.chmod(0o700)
+  os.chown(library, 65534, 65534)
+  available, used, reason = _in_subprocess({"UNET_JAX_CACHE_DIR": str(cache)}).split("|")
+  assert (available, used) == ("False", "False")
+  assert "belongs to user id 65534" in reason and not marker.exists()
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+  cache = _built_cache(tmp_path)
+  (library,) = cache.glob("conv-*.so")
+  library.write_bytes(b"not a shared object")
+  available, used, _ = _in_subprocess({"UNET_JAX_CACHE_DIR": str(cache)}).split("|")
+  assert (available, used) == ("True", "True")
+  assert library.read_bytes()[:4] == b"\x7fELF"

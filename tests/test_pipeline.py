@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from unet_jax import train
+from unet_jax import training
 from unet_jax.data import pipeline
 from unet_jax.geometry import Geometry
 
@@ -137,7 +137,7 @@ def test_configs_have_every_field_of_the_default(module, variant):
   assert _keys(default.get_config()) - source_specific <= _keys(config)
   assert config.data.source in config.data
   assert len(config.data.class_names) == config.model.num_classes
-  kwargs = train.model_kwargs(config.model)
+  kwargs = training.model_kwargs(config.model)
   geometry = Geometry(len(kwargs["features"]) - 1, kwargs["encoder_padding"],
                       kwargs["decoder_padding"])
   pipeline.tile_shapes(config.data, geometry)  # a valid model input
@@ -148,5 +148,5 @@ def test_configs_have_every_field_of_the_default(module, variant):
 @pytest.mark.slow
 def test_isbi_tiny_config_trains_end_to_end(tmp_path):
   config = _isbi_config(tmp_path)
-  final = train.train_and_evaluate(config, str(tmp_path / "work"))
+  final = training.train_and_evaluate(config, str(tmp_path / "work"))
   assert 0.0 <= final["pixel_error"] <= 1.0 and "iou_membrane" in final

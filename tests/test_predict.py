@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from unet_jax import convert, images, predict
+from unet_jax import convert, predict
+from unet_jax.inference import images
 from unet_jax.model import UNet
 
 FEATURES = (4, 8, 16)

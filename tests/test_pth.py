@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from unet_jax.pth import (
+from unet_jax.interop.pth import (
     CheckpointFormatError,
     UnsafeCheckpointError,
     load_state_dict,
@@ -131,7 +131,7 @@ def test_loader_works_without_torch(tmp_path):
   script = textwrap.dedent(f"""
         import sys
         sys.modules["torch"] = None  # any "import torch" now raises ImportError
-        from unet_jax.pth import load_state_dict
+        from unet_jax.interop.pth import load_state_dict
         sd = load_state_dict({str(path)!r})
         assert sd["w"].tolist() == [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]], sd["w"]
         assert str(sd["b"].dtype) == "bfloat16" and sd["b"].tolist() == [1.0, 1.0]

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from unet_jax import train
-from unet_jax.checkpoint import read_tree
+from unet_jax import training
+from unet_jax.training.checkpoint import read_tree
 
 ROOT = pathlib.Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
@@ -104,7 +104,7 @@ def _tiny(**overrides):
 
 def test_damaged_checkpoint_names_itself_and_an_older_one_can_be_restored(tmp_path):
   config = _tiny(num_steps=4)
-  train.train_and_evaluate(config, str(tmp_path))
+  training.train_and_evaluate(config, str(tmp_path))
   assert _steps(tmp_path) == [2, 4]
   for path in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
     if path.is_file() and path.stat().st_size > 0:
@@ -112,9 +112,9 @@ def test_damaged_checkpoint_names_itself_and_an_older_one_can_be_restored(tmp_pa
   config = _tiny(num_steps=6)
   with pytest.raises(ValueError, match=r"cannot restore the checkpoint at step 4 in .*checkpoints"
                                        r"(.|\n)*restore_step"):
-    train.train_and_evaluate(config, str(tmp_path))
+    training.train_and_evaluate(config, str(tmp_path))
   config.checkpoint.restore_step = 2
-  final = train.train_and_evaluate(config, str(tmp_path))
+  final = training.train_and_evaluate(config, str(tmp_path))
   assert final and _steps(tmp_path) == [4, 6]
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(read_tree(
       tmp_path / "checkpoints" / "6" / "state")))

@@ -14,8 +14,9 @@ import pytest
 
 from flax import nnx
 
-from unet_jax import losses, parallel, train
-from unet_jax.checkpoint import read_tree
+from unet_jax import losses, training
+from unet_jax.training import parallel
+from unet_jax.training.checkpoint import read_tree
 from unet_jax.data import pipeline
 from unet_jax.model import milesial
 
@@ -49,9 +50,9 @@ def test_data_parallel_step_equals_single_device_step():
 
   mesh = parallel.make_mesh()
   model = milesial(**kwargs, norm_axis_name="data", rngs=nnx.Rngs(0))
-  state, graphdef, _ = train.create_train_state(model, tx, seed=0)
+  state, graphdef, _ = training.create_train_state(model, tx, seed=0)
   step = parallel.data_parallel(
-      lambda s, b: train.train_step(s, b, graphdef=graphdef, tx=tx, loss_config=loss_config,
+      lambda s, b: training.train_step(s, b, graphdef=graphdef, tx=tx, loss_config=loss_config,
                                     num_classes=3), mesh, batch_argnums=(1,))
   state, measurements = step(parallel.replicate(state, mesh), parallel.shard_batch(batch, mesh))
 
@@ -90,9 +91,9 @@ def test_train_step_is_the_same_bit_for_bit_when_repeated():
            "label": rng.integers(0, 2, size=(2, 48, 48)).astype(np.int32)}
   mesh = parallel.make_mesh(jax.devices()[:1])
   model = milesial(**kwargs, norm_axis_name="data", rngs=nnx.Rngs(0))
-  state, graphdef, _ = train.create_train_state(model, tx, seed=0)
+  state, graphdef, _ = training.create_train_state(model, tx, seed=0)
   step = parallel.data_parallel(
-      lambda s, b: train.train_step(s, b, graphdef=graphdef, tx=tx,
+      lambda s, b: training.train_step(s, b, graphdef=graphdef, tx=tx,
                                     loss_config=tiny_config().loss, num_classes=2),
       mesh, batch_argnums=(1,))
   state, batch = parallel.replicate(state, mesh), parallel.shard_batch(batch, mesh)
@@ -138,7 +139,7 @@ def _patch_iterator(monkeypatch, at_index, action):
 def test_train_and_evaluate_writes_outputs_and_resumes_exactly(tmp_path, monkeypatch):
   config = tiny_config(num_steps=6, eval_every=3)
   config.checkpoint.every = 2
-  final = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  final = training.train_and_evaluate(config, str(tmp_path / "straight"))
   assert 0.0 <= final["pixel_error"] <= 1.0 and "iou_cell" in final
   for name in ("config.json", "metrics.jsonl", "predictions.png"):
     assert (tmp_path / "straight" / name).is_file(), name
@@ -153,9 +154,9 @@ def test_train_and_evaluate_writes_outputs_and_resumes_exactly(tmp_path, monkeyp
   with monkeypatch.context() as patch:
     _patch_iterator(patch, 5, crash)
     with pytest.raises(KeyboardInterrupt):
-      train.train_and_evaluate(config, str(tmp_path / "resumed"))
+      training.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert _final_params(tmp_path / "resumed")[0] == 4
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  training.train_and_evaluate(config, str(tmp_path / "resumed"))
 
   step_a, straight = _final_params(tmp_path / "straight")
   step_b, resumed = _final_params(tmp_path / "resumed")
@@ -168,8 +169,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path
   config = tiny_config(num_steps=6, eval_every=100)
   config.checkpoint.every = 1
   _patch_iterator(monkeypatch, 4, lambda batch: {**batch, "image": batch["image"] * 3e38})
-  with pytest.raises(train.NonFiniteLossError, match=r"at step 4"):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(training.NonFiniteLossError, match=r"at step 4"):
+    training.train_and_evaluate(config, str(tmp_path))
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [2, 3]  # max_to_keep=2; nothing at or after the bad step
   for step in steps:
@@ -179,7 +180,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path
 
 def test_indivisible_global_batch_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"batch size 6 does not divide evenly over 8 devices"):
-    train.train_and_evaluate(tiny_config(batch_size=6), str(tmp_path))
+    training.train_and_evaluate(tiny_config(batch_size=6), str(tmp_path))
 
 
 def _run_train_py(*args, **env_overrides):

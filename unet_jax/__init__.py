@@ -1,6 +1,7 @@
-"""unet-jax: the U-Net of Ronneberger et al. (2015) in JAX and Flax NNX."""
+"""unet-jax: the U-Net of Ronneberger et al. (2015) in JAX and Flax NNX.
 
-from unet_jax import malloc_defaults, xla_defaults
-
-malloc_defaults.apply()
-xla_defaults.apply()
+Importing the package or any of its modules changes nothing in the process: no environment
+variable, JAX option or allocator setting. Process tuning for CPU training lives in
+``unet_jax.cpu`` and is applied by the entry points only (``train.py``, the command-line tools,
+the benchmarks).
+"""

@@ -10,6 +10,11 @@ convolutions), and a 1×1 head. Three presets are ``functools.partial``s of ``UN
   decoder, BatchNorm: 572×572 → 448×448, 31,042,434 parameters (1 channel in, 2 classes).
 * ``milesial``: milesial/Pytorch-UNet: padded convolutions without bias, BatchNorm, and either
   transposed or (``upsample="bilinear"``) bilinear up-sampling with halved decoder widths.
+
+Every layer computes with stock JAX operations (``unet_jax.ops.STOCK``), so a model runs the
+same on any backend, exports with ``jax.export``, and supports ``jvp``, ``vmap`` and gradients
+of gradients. ``use_ops`` switches a model to another formulation of the same operations (the
+CPU layer, ``unet_jax.cpu``) without touching its parameters.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unet_jax import ops
+from unet_jax import ops as ops_lib
 from unet_jax.geometry import Geometry, Padding, center_crop
 
 Upsample = Literal["transpose", "bilinear"]
@@ -47,13 +52,14 @@ class BatchNorm(nnx.Module):
   """
 
   def __init__(self, features: int, *, momentum: float = 0.9, epsilon: float = 1e-5,
-               axis_name: str | None = None, dtype=None, param_dtype=jnp.float32):
+               axis_name: str | None = None, dtype=None, param_dtype=jnp.float32,
+               ops: ops_lib.Ops = ops_lib.STOCK):
     self.scale = nnx.Param(jnp.ones((features,), param_dtype))
     self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
     self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
     self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
     self.momentum, self.epsilon, self.axis_name = momentum, epsilon, axis_name
-    self.dtype = dtype
+    self.dtype, self.ops = dtype, ops
     self.use_running_average = False
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -62,7 +68,7 @@ class BatchNorm(nnx.Module):
       y = (x32 - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.epsilon)
       y = y * self.scale[...] + self.bias[...]
       return y.astype(self.dtype or x.dtype)
-    y, mean, var = ops.batch_norm_train(x, self.scale[...], self.bias[...],
+    y, mean, var = self.ops.batch_norm_train(x, self.scale[...], self.bias[...],
                                         epsilon=self.epsilon, axis_name=self.axis_name)
     count = x.shape[0] * x.shape[1] * x.shape[2]
     if self.axis_name is not None:
@@ -81,14 +87,14 @@ class DoubleConv(nnx.Module):
   def __init__(self, in_channels: int, out_channels: int, *, mid_channels: int | None = None,
                padding: Padding = "valid", norm: str | None = "batch", use_bias: bool = True,
                norm_axis_name: str | None = None, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               ops: ops_lib.Ops = ops_lib.STOCK, rngs: nnx.Rngs):
     mid_channels = mid_channels or out_channels
     conv = functools.partial(nnx.Conv, kernel_size=(3, 3), padding=padding.upper(),
                              use_bias=use_bias, kernel_init=he_normal, dtype=dtype,
                              param_dtype=param_dtype, rngs=rngs,
                              conv_general_dilated=ops.conv_general_dilated)
     batch_norm = functools.partial(BatchNorm, axis_name=norm_axis_name, dtype=dtype,
-                                   param_dtype=param_dtype)
+                                   param_dtype=param_dtype, ops=ops)
     self.conv1 = conv(in_channels, mid_channels)
     self.norm1 = batch_norm(mid_channels) if norm == "batch" else None
     self.conv2 = conv(mid_channels, out_channels)
@@ -106,10 +112,10 @@ class Down(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, *, remat: bool = False, **kwargs):
     self.conv = DoubleConv(in_channels, out_channels, **kwargs)
-    self.remat = remat
+    self.remat, self.ops = remat, kwargs.get("ops", ops_lib.STOCK)
 
   def forward(self, x: jax.Array) -> jax.Array:
-    return self.conv(ops.max_pool_2x2(x))
+    return self.conv(self.ops.max_pool_2x2(x))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     forward = type(self).forward
@@ -147,7 +153,7 @@ class UpConv(nnx.ConvTranspose):
   """The 2×2, stride-2 up-convolution: ``nnx.ConvTranspose``'s parameters and values.
 
   Only the computation differs: one matrix product and a reshape (``ops.up_conv_2x2``),
-  whose gradient XLA compiles far better than that of ``lax.conv_transpose``.
+  whose gradient XLA's CPU backend compiles far better than that of ``lax.conv_transpose``.
   """
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -157,7 +163,7 @@ class UpConv(nnx.ConvTranspose):
       return super().__call__(inputs)
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
-    y = ops.up_conv_2x2(inputs, kernel, precision=self.precision)
+    y = ops_lib.up_conv_2x2(inputs, kernel, precision=self.precision)
     return y if bias is None else y + bias
 
 
@@ -173,10 +179,9 @@ class Up(nnx.Module):
                upsample: Upsample = "transpose", concat_order: ConcatOrder = "skip_up",
                remat: bool = False, rngs: nnx.Rngs, **kwargs):
     if upsample == "transpose":
-      self.up = UpConv(in_channels, skip_channels, (2, 2), strides=(2, 2),
-                                  padding="VALID", kernel_init=he_normal,
-                                  dtype=kwargs.get("dtype"),
-                                  param_dtype=kwargs.get("param_dtype", jnp.float32), rngs=rngs)
+      self.up = UpConv(in_channels, skip_channels, (2, 2), strides=(2, 2), padding="VALID",
+                       kernel_init=he_normal, dtype=kwargs.get("dtype"),
+                       param_dtype=kwargs.get("param_dtype", jnp.float32), rngs=rngs)
       self.conv = DoubleConv(2 * skip_channels, out_channels, rngs=rngs, **kwargs)
     else:
       self.up = None
@@ -222,6 +227,9 @@ class UNet(nnx.Module):
     remat: recompute each level's activations in the backward pass (saves memory).
     norm_axis_name: mapped axis over which BatchNorm statistics are reduced in training.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); ``param_dtype``: parameter dtype.
+    ops: the formulation of the heavy operations (``unet_jax.ops.STOCK``, the default, or
+      ``unet_jax.cpu.OPS``); it changes speed and supported transformations, not values or
+      parameters.
     rngs: ``nnx.Rngs`` for initialisation.
   """
 
@@ -232,13 +240,13 @@ class UNet(nnx.Module):
                use_bias: bool = True, dropout: float = 0.0,
                concat_order: ConcatOrder = "skip_up", remat: bool = False,
                norm_axis_name: str | None = None, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               ops: ops_lib.Ops = ops_lib.STOCK, rngs: nnx.Rngs):
     _check_options(in_channels, num_classes, features, upsample, norm, dropout, concat_order)
     self.in_channels, self.num_classes, self.remat = in_channels, num_classes, remat
     self.features = tuple(features)
     self.geometry = Geometry(len(features) - 1, encoder_padding, decoder_padding)
     common = dict(norm=norm, use_bias=use_bias, norm_axis_name=norm_axis_name, dtype=dtype,
-                  param_dtype=param_dtype, rngs=rngs)
+                  param_dtype=param_dtype, ops=ops, rngs=rngs)
     halve = 2 if upsample == "bilinear" else 1
     widths = list(features[:-1]) + [features[-1] // halve]
     self.inc = DoubleConv(in_channels, widths[0], padding=encoder_padding, **common)
@@ -318,6 +326,22 @@ milesial = functools.partial(UNet, encoder_padding="same", decoder_padding="same
                              norm="batch", use_bias=False, concat_order="skip_up")
 
 PRESETS = {"paper": paper, "walkthrough": walkthrough, "milesial": milesial}
+
+
+def use_ops(model: nnx.Module, ops: ops_lib.Ops) -> nnx.Module:
+  """Switch ``model`` (a ``UNet`` or any of its blocks) to ``ops`` in place; returns it.
+
+  Parameters and values stay the same: only the formulation of the 3×3 convolutions,
+  max-pooling and training-mode BatchNorm changes. Call it before splitting the model
+  (``nnx.split``) or tracing it.
+  """
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, DoubleConv):
+      module.conv1.conv_general_dilated = ops.conv_general_dilated
+      module.conv2.conv_general_dilated = ops.conv_general_dilated
+    if isinstance(module, (BatchNorm, Down)):
+      module.ops = ops
+  return model
 
 
 def count_params(model: nnx.Module) -> int:

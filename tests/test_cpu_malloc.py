@@ -1,4 +1,4 @@
-"""``unet_jax.malloc_defaults``: which glibc options ``import unet_jax`` sets, and when not."""
+"""``unet_jax.cpu.malloc``: which glibc options the CPU layer sets, and when not."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from unet_jax import malloc_defaults
+from unet_jax.cpu import malloc as malloc_defaults
 
 GLIBC = malloc_defaults._libc() is not None
 
@@ -76,7 +76,7 @@ def test_no_glibc_no_options(fresh, monkeypatch):
 _FAULTS = textwrap.dedent("""
     import ctypes, os
     import unet_jax
-    from unet_jax import malloc_defaults
+    from unet_jax.cpu import malloc as malloc_defaults
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]

@@ -117,7 +117,7 @@ def load_model(path: str | os.PathLike, *, step: int | None = None):
 
   from flax import nnx
 
-  from unet_jax import convert
+  from unet_jax.interop import convert
   from unet_jax.model import UNet
 
   path = pathlib.Path(path).absolute()

@@ -1,4 +1,5 @@
-"""Tests for ``unet_jax.ops``: the same values and gradients as the ``lax`` formulations."""
+"""The CPU layer's operations (``unet_jax.cpu.ops``) give the stock values and gradients, and its
+process settings (``unet_jax.cpu.configure_process``) do what they say, and only when applied."""
 
 import functools
 import os
@@ -14,7 +15,8 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from unet_jax import ops, xla_defaults
+from unet_jax import cpu, ops as stock
+from unet_jax.cpu import ops, xla
 
 
 def _normal(shape, seed):
@@ -167,26 +169,28 @@ def test_up_conv_matches_conv_transpose(shape):
   transpose = lambda x, k: lax.conv_transpose(x, k, (2, 2), "VALID",
                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
   want_y, want_pull = jax.vjp(transpose, x, k)
-  got_y, got_pull = jax.vjp(ops.up_conv_2x2, x, k)
+  got_y, got_pull = jax.vjp(stock.up_conv_2x2, x, k)
   np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
   for a, b in zip(got_pull(g), want_pull(g)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2), (1, 1, 5, 1)])
-def test_max_pool_matches_reduce_window(shape):
+@pytest.mark.parametrize("pool", [ops.max_pool_2x2, stock.max_pool_2x2], ids=["cpu", "stock"])
+def test_max_pool_matches_reduce_window(shape, pool):
   x = _normal(shape, 0)
   want_y, want_pull = jax.vjp(lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2)), x)
-  got_y, got_pull = jax.vjp(ops.max_pool_2x2, x)
+  got_y, got_pull = jax.vjp(pool, x)
   np.testing.assert_array_equal(got_y, want_y)
   g = _normal(want_y.shape, 1)
   np.testing.assert_array_equal(got_pull(g)[0], want_pull(g)[0])
 
 
-def _flags_after_import(env):
-  code = ("import os, unet_jax, jax; from unet_jax import xla_defaults; jax.devices(); "
-          "print(os.environ.get('XLA_FLAGS', '')); print(xla_defaults.applied()); "
-          "print(xla_defaults.inline_dispatch(), "
+def _flags_after_configure(env):
+  code = ("import os, jax; from unet_jax import cpu; from unet_jax.cpu import xla; "
+          "cpu.configure_process('on'); jax.devices(); "
+          "print(os.environ.get('XLA_FLAGS', '')); print(xla.applied()); "
+          "print(xla.inline_dispatch(), "
           "jax.config.values['jax_cpu_enable_async_dispatch'])")
   env = {k: v for k, v in {**os.environ, **env}.items() if v != ""}  # "" unsets a variable
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -194,32 +198,35 @@ def _flags_after_import(env):
   return out.stdout.splitlines()
 
 
-@pytest.mark.skipif(xla_defaults._jaxlib_version() < (0, 10),
+@pytest.mark.skipif(xla._jaxlib_version() < (0, 10),
                     reason="jaxlib < 0.10 has no YNNPACK fusions, so nothing is set")
-def test_xla_defaults_are_set_on_import_and_can_be_declined():
-  flags, applied, dispatch = _flags_after_import({
+def test_xla_options_are_set_by_the_entry_point_call_and_can_be_declined():
+  flags, applied, dispatch = _flags_after_configure({
       "XLA_FLAGS": "--xla_cpu_enable_fast_math=false", "UNET_JAX_XLA_DEFAULTS": ""})
-  assert flags == "--xla_cpu_enable_fast_math=false " + xla_defaults.FLAG and applied == "True"
+  assert flags == "--xla_cpu_enable_fast_math=false " + xla.FLAG and applied == "True"
   assert dispatch == "True False"  # inline dispatch set: async dispatch off
-  flags, applied, dispatch = _flags_after_import({"XLA_FLAGS": "",
+  flags, applied, dispatch = _flags_after_configure({"XLA_FLAGS": "",
                                                   "UNET_JAX_XLA_DEFAULTS": "0"})
   assert flags == "" and applied == "False" and dispatch == "False True"
   mine = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
-  flags, applied, dispatch = _flags_after_import({"XLA_FLAGS": mine,
+  flags, applied, dispatch = _flags_after_configure({"XLA_FLAGS": mine,
                                                   "UNET_JAX_XLA_DEFAULTS": ""})
   assert flags == mine and applied == "False" and dispatch == "True False"
 
 
 def test_inline_dispatch_leaves_results_and_multi_device_steps_alone():
-  """With JAX's asynchronous dispatch off (as ``import unet_jax`` sets it), a single-device
+  """With JAX's asynchronous dispatch off (as the CPU layer sets it), a single-device
   call returns finished results, and an eight-device ``shard_map`` with a ``psum`` still
   runs (multi-device computations keep asynchronous dispatch, so no device waits on one that
   has not started)."""
   code = textwrap.dedent("""
-      import unet_jax, jax, jax.numpy as jnp, numpy as np
+      import jax, jax.numpy as jnp, numpy as np
+      from unet_jax import cpu
+      from unet_jax.cpu import xla
+      from unet_jax.training import parallel
+      cpu.configure_process("on")
       jax.config.update("jax_num_cpu_devices", 8)
-      from unet_jax import parallel, xla_defaults
-      assert xla_defaults.inline_dispatch()
+      assert xla.inline_dispatch()
       x = jnp.arange(16.0)
       print(float(jax.jit(lambda x: (x * x).sum())(x)))
       mesh = parallel.make_mesh(jax.devices())
@@ -233,10 +240,10 @@ def test_inline_dispatch_leaves_results_and_multi_device_steps_alone():
   assert out == ["1240.0", "120.0"]
 
 
-@pytest.mark.skipif(xla_defaults._jaxlib_version() < (0, 10),
+@pytest.mark.skipif(xla._jaxlib_version() < (0, 10),
                     reason="jaxlib < 0.10 has no YNNPACK fusions")
-def test_xla_defaults_keep_convolutions_on_the_eigen_path():
-  code = ("import unet_jax, jax, jax.numpy as jnp\n"
+def test_xla_option_keeps_convolutions_on_the_eigen_path():
+  code = ("import jax, jax.numpy as jnp; from unet_jax import cpu; cpu.configure_process('on')\n"
           "f = jax.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'VALID',"
           " dimension_numbers=('NHWC', 'HWIO', 'NHWC')))\n"
           "print('ynn' in f.lower(jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4)))"
@@ -254,15 +261,21 @@ def _reference_batch_norm(x, scale, bias, epsilon=1e-5):
   return (x32 - mean) * lax.rsqrt(var + epsilon) * scale + bias
 
 
-def test_batch_norm_values_statistics_and_gradients_match_autodiff():
+BATCH_NORMS = pytest.mark.parametrize("batch_norm_train",
+                                      [ops.batch_norm_train, stock.batch_norm_train],
+                                      ids=["cpu", "stock"])
+
+
+@BATCH_NORMS
+def test_batch_norm_values_statistics_and_gradients_match_autodiff(batch_norm_train):
   x = _normal((3, 5, 4, 6), 0) * 2.0 + 0.5
   scale, bias, w = _normal((6,), 1), _normal((6,), 2), _normal((3, 5, 4, 6), 3)
-  y, mean, var = ops.batch_norm_train(x, scale, bias, epsilon=1e-5)
+  y, mean, var = batch_norm_train(x, scale, bias, epsilon=1e-5)
   np.testing.assert_allclose(y, _reference_batch_norm(x, scale, bias), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(var, x.var(axis=(0, 1, 2)), rtol=1e-5)
   loss = lambda bn: lambda x, s, b: jnp.sum(bn(x, s, b) * w)
-  ours = jax.grad(loss(lambda *a: ops.batch_norm_train(*a, epsilon=1e-5)[0]),
+  ours = jax.grad(loss(lambda *a: batch_norm_train(*a, epsilon=1e-5)[0]),
                   argnums=(0, 1, 2))(x, scale, bias)
   want = jax.grad(loss(_reference_batch_norm), argnums=(0, 1, 2))(x, scale, bias)
   for a, b in zip(ours, want):
@@ -279,7 +292,8 @@ def test_batch_norm_gradient_in_bfloat16_keeps_the_dtype():
   np.testing.assert_allclose(dx.astype(jnp.float32), want, rtol=0.05, atol=0.05)
 
 
-def test_synchronised_batch_norm_gradient_is_the_whole_batch_gradient():
+@BATCH_NORMS
+def test_synchronised_batch_norm_gradient_is_the_whole_batch_gradient(batch_norm_train):
   """Per device: the gradient of the sum of every device's loss w.r.t. this device's inputs
   (what a pmean of per-device parameter gradients needs), and local scale and bias sums."""
   devices = 4
@@ -294,7 +308,7 @@ def test_synchronised_batch_norm_gradient_is_the_whole_batch_gradient():
                      out_specs=(P("data"), P("data"), P("data")), check_vma=False)
   def sharded(x, scale, bias, w):
     local = lambda x, s, b: jnp.sum(
-        ops.batch_norm_train(x, s, b, epsilon=1e-5, axis_name="data")[0] * w)
+        batch_norm_train(x, s, b, epsilon=1e-5, axis_name="data")[0] * w)
     dx, ds, db = jax.grad(local, argnums=(0, 1, 2))(x, scale, bias)
     return dx, ds[None], db[None]
 
@@ -306,17 +320,19 @@ def test_synchronised_batch_norm_gradient_is_the_whole_batch_gradient():
   np.testing.assert_allclose(db.sum(axis=0), want[2], rtol=1e-4, atol=1e-5)
 
 
-def test_max_pool_gives_ties_gradient_to_the_first_maximum_like_pytorch():
+@pytest.mark.parametrize("pool", [ops.max_pool_2x2, stock.max_pool_2x2], ids=["cpu", "stock"])
+def test_max_pool_gives_ties_gradient_to_the_first_maximum_like_pytorch(pool):
   window = jnp.array([[3.0, 3.0], [1.0, 3.0]])[None, :, :, None]
-  grad = jax.grad(lambda x: ops.max_pool_2x2(x).sum())(window)
+  grad = jax.grad(lambda x: pool(x).sum())(window)
   np.testing.assert_array_equal(grad[0, :, :, 0], [[1.0, 0.0], [0.0, 0.0]])
   flat = jnp.zeros((1, 4, 4, 2))
-  grad = jax.grad(lambda x: ops.max_pool_2x2(x).sum())(flat)
+  grad = jax.grad(lambda x: pool(x).sum())(flat)
   np.testing.assert_array_equal(grad[0, ::2, ::2], 1.0)
   assert float(grad.sum()) == 8.0
 
 
-def test_compiled_gradients_match_eager_ones_through_the_whole_unet():
+@pytest.mark.parametrize("layer", [ops.OPS, stock.STOCK], ids=["cpu", "stock"])
+def test_compiled_gradients_match_eager_ones_through_the_whole_unet(layer):
   """XLA may fuse a producer into both the pooling maximum and the gradient's comparison and
   round them differently; the gradients of a small BatchNorm U-Net under jit must still be
   the eager ones (they were off by up to 100 % before the pooling kept them apart)."""
@@ -325,7 +341,7 @@ def test_compiled_gradients_match_eager_ones_through_the_whole_unet():
   x = _normal((2, 36, 36, 1), 0)
   grads = []
   for compiled in (False, True):
-    net = unet.walkthrough(1, 2, features=(2, 4, 8), rngs=nnx.Rngs(0))
+    net = unet.walkthrough(1, 2, features=(2, 4, 8), ops=layer, rngs=nnx.Rngs(0))
     step = lambda m, x: nnx.grad(lambda m: jnp.mean(m(x) ** 2))(m)
     grads.append(jax.tree.leaves((nnx.jit(step) if compiled else step)(net, x)))
   for a, b in zip(*grads):

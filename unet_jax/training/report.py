@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from unet_jax import metrics, parallel
+from unet_jax import metrics
+from unet_jax.training import parallel
 
 
 class Reporter:
@@ -52,7 +53,8 @@ class Reporter:
     self.window_steps += 1
     if step % self.log_every:
       return
-    values = {k: float(v) for k, v in measurements.items() if k != "confusion"}
+    values = {k: float(v) for k, v in measurements.items()
+              if k not in ("confusion", "bad_pixels", "bad_labels")}
     values.update(metrics.summarize(np.asarray(measurements["confusion"]),
                                     class_names=self.class_names))
     elapsed = time.perf_counter() - self.window_start

@@ -1,6 +1,7 @@
-"""XLA and JAX options that ``import unet_jax`` sets, before JAX starts its backends.
+"""XLA and JAX options of the CPU layer, which entry points set before JAX starts its backends.
 
-Both concern the CPU backend only.
+Both concern the CPU backend only. ``unet_jax.cpu.configure_process`` applies them; importing
+this module sets nothing.
 
 1. ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``. From jaxlib 0.10 on,
    XLA hands unpadded convolutions on CPU to YNNPACK, whose kernels run this U-Net's train
@@ -13,18 +14,18 @@ Both concern the CPU backend only.
 2. ``jax_cpu_enable_async_dispatch = False``: a single-device computation on CPU runs on the
    thread that calls it, instead of being handed to one of XLA's worker threads while the call
    returns at once. The step's scratch memory is then allocated by that thread, from glibc's
-   main heap, which ``unet_jax.malloc_defaults`` makes reuse it from step to step; allocated on
+   main heap, which ``unet_jax.cpu.malloc`` makes reuse it from step to step; allocated on
    a worker thread, a block over 64 MiB is mapped afresh every step and its pages faulted in
    (full-width U-Net, ``docs/performance.md``: 0.357 → 0.285 s a step, 0.12 → 0.004 s of
    system time). The cost: the call returns when the computation is done, so Python cannot
    queue the next step meanwhile (on a CPU, the cores are busy with this one anyway).
    Multi-device computations keep JAX's asynchronous dispatch. To keep it for single-device
-   ones too, call ``jax.config.update("jax_cpu_enable_async_dispatch", True)`` after
-   importing ``unet_jax`` and before running JAX code (or decline both options, below).
+   ones too, set ``UNET_JAX_XLA_DEFAULTS=0`` (which declines both options) or run with the
+   CPU layer off.
 
 Either is only set if ``UNET_JAX_XLA_DEFAULTS`` is not ``0`` (set it to ``0`` to keep XLA's
 and JAX's own defaults) and JAX has not started a backend yet (both are read once, at that
-moment), so import ``unet_jax`` before running JAX code.
+moment), so an entry point applies them before it runs JAX code.
 
 ``applied()`` says whether option 1 took effect in this process, ``inline_dispatch()`` whether
 option 2 did.
@@ -81,10 +82,10 @@ def apply() -> bool:
 
 
 def applied() -> bool:
-  """Whether ``import unet_jax`` added ``FLAG`` in this process."""
+  """Whether ``apply()`` added ``FLAG`` in this process."""
   return _applied
 
 
 def inline_dispatch() -> bool:
-  """Whether ``import unet_jax`` turned off JAX's asynchronous dispatch on CPU (option 2)."""
+  """Whether ``apply()`` turned off JAX's asynchronous dispatch on CPU (option 2)."""
   return _inline_dispatch

@@ -1,4 +1,4 @@
-"""glibc ``malloc`` options that ``import unet_jax`` sets, so that CPU train steps reuse memory.
+"""glibc ``malloc`` options of the CPU layer, so that CPU train steps reuse memory.
 
 XLA's CPU runtime allocates each step's scratch memory anew (one block: 47 MiB for the
 walkthrough's network at quarter width, 188×188, batch 2) and frees it at the end of the step.
@@ -13,7 +13,7 @@ keep freed memory and hand it out again:
 
 A block larger than 64 MiB allocated from one of XLA's worker threads would still be a fresh
 ``mmap`` (glibc's per-thread arenas cannot grow past 64 MiB; funnelling every thread into the
-main heap instead, ``M_ARENA_MAX = 1``, made steps slower), so ``unet_jax.xla_defaults``
+main heap instead, ``M_ARENA_MAX = 1``, made steps slower), so ``unet_jax.cpu.xla``
 also has single-device steps run on the calling thread, which allocates from the main heap:
 that is what makes the options work for a full-width U-Net (297 MiB of scratch).
 
@@ -22,7 +22,8 @@ exits instead of returning it between steps. Results do not change. PyTorch's CP
 from the same ``malloc``, so a PyTorch model in the same process gets the same benefit (the
 benchmarks compare both frameworks under the same options).
 
-The options are set when ``unet_jax`` is imported, and only if all of these hold:
+Entry points set the options (``unet_jax.cpu.configure_process``; importing this module sets
+nothing), and only if all of these hold:
 
 * ``UNET_JAX_MALLOC_DEFAULTS`` is not ``0`` (set it to ``0`` to keep glibc's defaults);
 * the process runs on Linux with glibc, and no other allocator is preloaded (``LD_PRELOAD``
@@ -110,7 +111,7 @@ def apply() -> list[str]:
 
 
 def applied() -> list[str]:
-  """The options ``import unet_jax`` set in this process (empty if none)."""
+  """The options ``apply()`` set in this process (empty if none)."""
   return list(_applied)
 
 

@@ -4,17 +4,23 @@ XLA's CPU backend runs convolutions with few channels (16–64, the top of a U-N
 general contraction that reaches a third to a half of this hardware's speed there. The two
 kernels in ``csrc/conv.cc``, a forward convolution and a kernel gradient written for the
 NHWC/HWIO layouts and AVX-512, run them at the speed of PyTorch's oneDNN kernels or faster
-(``docs/performance.md``). ``unet_jax.ops`` calls them through ``jax.ffi`` on the CPU backend
-for float32 convolutions whose output channels are a multiple of 16, and XLA's own
-convolution everywhere else.
+(``docs/performance.md``). ``unet_jax.cpu.ops`` calls them through ``jax.ffi`` on the CPU
+backend for float32 convolutions whose output channels are a multiple of 16, and XLA's own
+convolution everywhere else. Only a model switched to the CPU layer (``unet_jax.cpu``) uses
+them; importing this module compiles and loads nothing.
 
-Nothing is compiled at install time. The first convolution traced on a CPU compiles the
+Nothing is compiled at install time. The first convolution traced by such a model compiles the
 source with the system's C++ compiler (``$CXX``, else ``c++``/``g++``; 2–3 seconds) into a
 cache directory (``$UNET_JAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/unet_jax``, else
 ``~/.cache/unet_jax``), keyed by the source, the jaxlib version, the compiler and the CPU, and
 later processes load it from there. Without a compiler, an AVX-512 x86-64 CPU under Linux,
 or a writable cache directory, the package uses XLA's convolutions and says why in
 ``status()``. ``UNET_JAX_NATIVE=0`` turns the kernels off.
+
+A library is loaded only from a safe place: the cache directory is created with mode 0700,
+and a directory or library that belongs to another user, is writable by the group or by
+others, or (the library) is a symbolic link is refused with a warning, and XLA's convolutions
+are used instead. A cached library that does not load is compiled again once.
 
 Both kernels give the same result, bit for bit, on every call: the kernel gradient sums
 fixed blocks of rows in a fixed order, whichever thread computed each.
@@ -32,8 +38,10 @@ import pathlib
 import platform
 import shutil
 import subprocess
+import stat
 import tempfile
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -116,13 +124,24 @@ def _load() -> pathlib.Path:
   source = SOURCE.read_bytes()
   key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), version.encode(),
                                    flags.encode()])).hexdigest()[:16]
-  library = cache_dir() / f"conv-{key}.so"
-  if not library.exists():
+  directory = cache_dir()
+  _make_private_directory(directory)
+  _check_private(directory, kind="directory")
+  library = directory / f"conv-{key}.so"
+  if not os.path.lexists(library):
     _compile(compiler, library)
+  _check_private(library, kind="library")
   try:
     lib = ctypes.CDLL(str(library))
-  except OSError as error:
-    raise _Unavailable(f"{library} does not load: {error}") from error
+    lib.UnetJaxConvForward, lib.UnetJaxConvKernelGrad  # noqa: B018
+  except (OSError, AttributeError):  # a damaged cache entry: build it once more
+    library.unlink()
+    _compile(compiler, library)
+    _check_private(library, kind="library")
+    try:
+      lib = ctypes.CDLL(str(library))
+    except OSError as error:
+      raise _Unavailable(f"{library} does not load: {error}") from error
   jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.UnetJaxConvForward),
                               platform="cpu")
   jax.ffi.register_ffi_target(KERNEL_GRAD, jax.ffi.pycapsule(lib.UnetJaxConvKernelGrad),
@@ -130,9 +149,48 @@ def _load() -> pathlib.Path:
   return library
 
 
+def _make_private_directory(directory: pathlib.Path) -> None:
+  """Create ``directory`` (mode 0700) unless it exists."""
+  if os.path.lexists(directory):
+    return
+  try:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700)
+  except FileExistsError:
+    pass  # another process made it meanwhile; checked below like any other
+  except OSError as error:
+    raise _Unavailable(f"the cache directory {directory} cannot be created: {error}; set "
+                       f"UNET_JAX_CACHE_DIR to a directory of your own") from error
+
+
+def _check_private(path: pathlib.Path, *, kind: str) -> None:
+  """Refuse ``path`` unless it belongs to this user and only this user can write it."""
+  try:
+    info = os.lstat(path) if kind == "library" else os.stat(path)
+  except OSError as error:
+    raise _Unavailable(f"the {kind} {path} cannot be read: {error}") from error
+  problem = None
+  if kind == "library" and stat.S_ISLNK(info.st_mode):
+    problem = "is a symbolic link"
+  elif kind == "library" and not stat.S_ISREG(info.st_mode):
+    problem = "is not a regular file"
+  elif kind == "directory" and not stat.S_ISDIR(info.st_mode):
+    problem = "is not a directory"
+  elif info.st_uid != os.geteuid():
+    problem = f"belongs to user id {info.st_uid}, not to this user ({os.geteuid()})"
+  elif info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    problem = f"is writable by {'others' if info.st_mode & stat.S_IWOTH else 'its group'} " \
+              f"(mode {stat.S_IMODE(info.st_mode):o})"
+  if problem:
+    message = (f"not loading the native kernels: the {kind} {path} {problem}; a library "
+               f"there could run another user's code. Using XLA's convolutions. Fix it with "
+               f"chmod 700 / chown, or set UNET_JAX_CACHE_DIR to a directory of your own.")
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    raise _Unavailable(message)
+
+
 def _compile(compiler: str, library: pathlib.Path) -> None:
   try:
-    library.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
     os.close(fd)
   except OSError as error:
@@ -144,6 +202,7 @@ def _compile(compiler: str, library: pathlib.Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
       raise _Unavailable(f"compiling {SOURCE.name} failed: {result.stderr.strip()[-500:]}")
+    os.chmod(partial, 0o700)  # the linker applies the umask, which may let others write
     os.replace(partial, library)  # atomic: a concurrent process sees all of it or nothing
   except (OSError, subprocess.SubprocessError) as error:
     raise _Unavailable(f"compiling {SOURCE.name} failed: {error}") from error

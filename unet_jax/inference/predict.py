@@ -1,0 +1,368 @@
+"""Overlap-tile prediction (Ronneberger et al. 2015, Fig. 2) for images of any size; CLI.
+
+The image is mirrored beyond its border, cut into tiles of one valid input size, the tiles
+go through the network in fixed-size batches, and the outputs are stitched back:
+
+* unpadded models (``'valid'`` encoder and decoder) predict each output pixel from its full
+  context, so the outputs tile exactly, as in the paper. Tiles step by the output size
+  rounded down to a multiple of ``2**depth``, so every tile sees the same 2×2 max-pool grid
+  and the result equals one pass over the whole (mirrored) image;
+* models with padded convolutions (``'same'`` anywhere, e.g. the walkthrough's decoder) see
+  zeros at every tile edge, so their tiles overlap by ``overlap`` and are blended with a
+  Gaussian window that trusts each tile's centre most. Extra mirrored context around the image
+  keeps its border pixels away from tile edges too.
+
+All tiles of every image go through one jitted function (``predict_tiles``): it compiles once
+per model, tile size, batch size and device set, never per image. With several devices each
+batch is split over them. Command line::
+
+  python -m unet_jax.predict --checkpoint workdir/ --input images/ --output predictions/
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import pathlib
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unet_jax.training import parallel
+from unet_jax.geometry import Geometry, crop_offsets
+from unet_jax.inference.images import (IMAGE_SUFFIXES, class_mask, list_images, match_channels,
+                             overlay, page_names, read_image, to_float)
+
+DEFAULT_OUTPUT = 388  # the paper's output tile
+# Default tile outputs: a few sizes only, so a folder of odd-sized images compiles few shapes.
+_OUTPUT_LADDER = (64, 128, 256, DEFAULT_OUTPUT)
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisPlan:
+  """Where the tiles go along one image axis; positions in image pixels.
+
+  Attributes:
+    input_size, output_size: the tile's input and output sizes.
+    margin: input pixels before the tile's output window.
+    stride: step between tiles (a multiple of ``2**depth``).
+    context: output pixels predicted beyond each image edge (0 for unpadded models).
+    starts: where each tile's output window starts (the first at ``-context``).
+  """
+
+  input_size: int
+  output_size: int
+  margin: int
+  stride: int
+  context: int
+  starts: tuple[int, ...]
+
+
+def blends(geometry: Geometry) -> bool:
+  """Whether tiles must overlap and be blended (any ``'same'`` convolution)."""
+  return "same" in (geometry.encoder_padding, geometry.decoder_padding)
+
+
+def plan_axis(geometry: Geometry, size: int, tile: int, *, overlap: float = 0.5) -> AxisPlan:
+  """The tiles covering ``size`` pixels with input tiles of ``tile`` pixels.
+
+  ``overlap`` (a fraction of the output tile) applies to models that blend; unpadded models
+  tile exactly.
+  """
+  geometry.check(tile, name="tile")
+  output = geometry.output_size(tile)
+  grid = 2**geometry.depth
+  if not 0.0 <= overlap < 1.0:
+    raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+  if blends(geometry):
+    stride = int(output * (1 - overlap)) // grid * grid
+    context = -(-(output - stride) // (2 * grid)) * grid  # half the overlap, on the grid
+  else:
+    stride, context = output // grid * grid, 0
+  if stride < grid:
+    needed = int(np.ceil(grid / (1 - overlap))) if blends(geometry) else grid
+    raise ValueError(
+        f"a {tile}-pixel tile gives a {output}-pixel output, too small to step by a multiple "
+        f"of {grid} (2**depth){' with overlap ' + str(overlap) if blends(geometry) else ''}; "
+        f"use a tile of at least {geometry.input_size_for(needed)} pixels")
+  count = 1 + max(0, -(-(size + 2 * context - output) // stride))
+  return AxisPlan(tile, output, crop_offsets(tile, output)[0], stride, context,
+                  tuple(-context + i * stride for i in range(count)))
+
+
+def default_tile_size(geometry: Geometry, size: int) -> int:
+  """A tile whose output covers ``min(size, 388)`` pixels, from a short ladder of sizes."""
+  target = min(size, DEFAULT_OUTPUT)
+  output = next(o for o in _OUTPUT_LADDER if o >= target)
+  return geometry.input_size_for(output)
+
+
+def gaussian_window(height: int, width: int) -> np.ndarray:
+  """``[H, W]`` blending weights: a Gaussian with σ = 1/8 of the tile, peak 1 (nnU-Net's)."""
+  def axis(n):
+    x = np.arange(n) - (n - 1) / 2
+    return np.exp(-x**2 / (2 * (n / 8) ** 2))
+  return np.outer(axis(height), axis(width)).astype(np.float32)
+
+
+def _transforms(square: bool) -> list[tuple[int, bool]]:
+  """(quarter turns, horizontal flip) pairs: the 8 symmetries of a square, or the 4 that
+  keep a rectangle's shape."""
+  return [(turns, flip) for turns in ((0, 1, 2, 3) if square else (0, 2))
+          for flip in (False, True)]
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("tta",))
+def predict_tiles(graphdef: nnx.GraphDef, state: nnx.State, tiles: jax.Array, *,
+                  tta: bool = False) -> jax.Array:
+  """Class probabilities ``[B, h', w', classes]`` for input tiles ``[B, h, w, channels]``.
+
+  With ``tta`` the probabilities are averaged over the flips and quarter turns of each tile
+  (turns only for square tiles), each mapped back before averaging.
+  """
+  model = nnx.merge(graphdef, state)
+  if not tta:
+    return jax.nn.softmax(model(tiles), axis=-1)
+  total = 0.0
+  transforms = _transforms(tiles.shape[1] == tiles.shape[2])
+  for turns, flip in transforms:
+    x = jnp.rot90(tiles, turns, axes=(1, 2))
+    y = jax.nn.softmax(model(x[:, :, ::-1] if flip else x), axis=-1)
+    total = total + jnp.rot90(y[:, :, ::-1] if flip else y, -turns, axes=(1, 2))
+  return total / len(transforms)
+
+
+def _mirror(index: np.ndarray, size: int) -> np.ndarray:
+  """Indices into ``size`` pixels mirrored beyond both ends, as ``np.pad(mode="symmetric")``
+  repeated as often as needed (any width, even for a 1-pixel image)."""
+  index = np.mod(index, 2 * size)
+  return np.where(index >= size, 2 * size - 1 - index, index)
+
+
+def predict_image(model: nnx.Module, image: np.ndarray, *,
+                  tile_size: int | Sequence[int] | None = None, batch_size: int = 4,
+                  overlap: float = 0.5, tta: bool = False,
+                  devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+  """Class probabilities ``[H, W, num_classes]`` (float32) of a U-Net for one image.
+
+  Args:
+    model: a ``UNet`` (used in eval mode; the model passed in is not changed).
+    image: ``[H, W]`` or ``[H, W, in_channels]``, any size ≥ 1×1; uint8 / uint16 are scaled
+      to ``[0, 1]``, floats used as they are.
+    tile_size: the tile's input size, an int or ``(height, width)``; it must be a valid input
+      size of the model. Default: per axis, a tile whose output covers ``min(size, 388)``.
+    batch_size: tiles per network call, rounded up to a multiple of the device count; the
+      last batch is padded, so every call has the same shape.
+    overlap: fraction of the output tile shared by neighbouring tiles, for models with
+      padded convolutions (unpadded models tile exactly and ignore it).
+    tta: average over flips (and quarter turns, for square tiles).
+    devices: devices the batch is split over (default: all local devices).
+  """
+  image = _check_image(to_float(image), model.in_channels)
+  geometry = model.geometry
+  tiles_hw = _tile_size(geometry, tile_size, image.shape[:2])
+  plans = [plan_axis(geometry, n, t, overlap=overlap) for n, t in zip(image.shape, tiles_hw)]
+  mesh = parallel.make_mesh(list(devices) if devices is not None else jax.local_devices())
+  batch = -(-max(batch_size, 1) // mesh.size) * mesh.size
+  graphdef, state = _eval_split(model)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  stitcher = _Stitcher(plans, image.shape[:2], model.num_classes, blend=blends(geometry))
+  positions = [(y, x) for y in plans[0].starts for x in plans[1].starts]
+  pending = None
+  for first in range(0, len(positions), batch):
+    chunk = positions[first:first + batch]
+    tiles = jax.device_put(cut_tiles(image, plans, chunk, batch), parallel.batch_sharding(mesh))
+    probabilities = predict_tiles(graphdef, state, tiles, tta=tta)
+    if pending is not None:  # gather the previous batch while this one runs
+      stitcher.add(*pending)
+    pending = chunk, probabilities
+  stitcher.add(*pending)
+  return stitcher.result()
+
+
+def cut_tiles(image: np.ndarray, plans: Sequence[AxisPlan], positions: list[tuple[int, int]],
+              batch: int) -> np.ndarray:
+  """Input tiles ``[batch, h, w, C]`` around the output windows at ``positions`` (image
+  mirrored beyond its border); zeros after the last position."""
+  height, width = (p.input_size for p in plans)
+  tiles = np.zeros((batch, height, width, image.shape[-1]), np.float32)
+  for i, (y, x) in enumerate(positions):
+    rows = _mirror(np.arange(height) + y - plans[0].margin, image.shape[0])
+    cols = _mirror(np.arange(width) + x - plans[1].margin, image.shape[1])
+    tiles[i] = image[np.ix_(rows, cols)]
+  return tiles
+
+
+def _check_image(image: np.ndarray, channels: int) -> np.ndarray:
+  image = image[..., None] if image.ndim == 2 else image
+  if image.ndim != 3:
+    raise ValueError(f"expected an image [H, W] or [H, W, C], got shape {image.shape}")
+  if image.shape[0] < 1 or image.shape[1] < 1:
+    raise ValueError(f"the image is empty (shape {image.shape}); it needs at least 1×1 pixels")
+  if image.shape[-1] != channels:
+    raise ValueError(f"this U-Net takes {channels} channel(s), the image has "
+                     f"{image.shape[-1]} (shape {image.shape}); see match_channels")
+  return image
+
+
+def _eval_split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+  """``nnx.split`` of an eval-mode view of ``model``, leaving ``model`` as it is."""
+  view = nnx.merge(*nnx.split(model))
+  view.eval()
+  return nnx.split(view)
+
+
+def _tile_size(geometry: Geometry, tile_size, image_hw) -> tuple[int, int]:
+  if tile_size is None:
+    return tuple(default_tile_size(geometry, n) for n in image_hw)
+  tile_hw = (tile_size, tile_size) if np.ndim(tile_size) == 0 else tuple(tile_size)
+  if len(tile_hw) != 2:
+    raise ValueError(f"tile_size must be an int or (height, width), got {tile_size!r}")
+  try:
+    geometry.check_shape(*tile_hw)
+  except ValueError as error:
+    raise ValueError(f"tile_size {tile_size!r}: {error}") from None
+  return tuple(int(t) for t in tile_hw)
+
+
+class _Stitcher:
+  """Writes tile outputs into the image (unpadded models) or blends them (padded ones)."""
+
+  def __init__(self, plans: Sequence[AxisPlan], image_hw, num_classes: int, *, blend: bool):
+    self.plans, self.image_hw, self.blend = plans, tuple(image_hw), blend
+    self.output_hw = tuple(p.output_size for p in plans)
+    canvas = [p.starts[-1] + p.output_size + p.context for p in plans]
+    self.total = np.zeros((*canvas, num_classes), np.float32)
+    if blend:
+      self.weight = np.zeros(canvas, np.float32)
+      self.window = gaussian_window(*self.output_hw)
+
+  def add(self, positions: list[tuple[int, int]], probabilities: jax.Array) -> None:
+    probabilities = np.asarray(probabilities)
+    (oh, ow), (cy, cx) = self.output_hw, (p.context for p in self.plans)
+    for (y, x), tile in zip(positions, probabilities):
+      where = np.s_[y + cy:y + cy + oh, x + cx:x + cx + ow]
+      if self.blend:
+        self.total[where] += tile * self.window[..., None]
+        self.weight[where] += self.window
+      else:  # neighbours agree on their few shared pixels
+        self.total[where] = tile
+
+  def result(self) -> np.ndarray:
+    (cy, cx), (h, w) = (p.context for p in self.plans), self.image_hw
+    total = self.total[cy:cy + h, cx:cx + w]
+    return total / self.weight[cy:cy + h, cx:cx + w, None] if self.blend else total
+
+
+def predict_file(model: nnx.Module, path: pathlib.Path, output: pathlib.Path, *,
+                 name: str | None = None, save_probabilities: bool = False,
+                 **options) -> list[pathlib.Path]:
+  """Predict every page of an image file; write ``<name>_mask.png`` and
+  ``<name>_overlay.png`` (and ``<name>_probabilities.npy``); return the written paths."""
+  from PIL import Image
+  pages = read_image(path)
+  written = []
+  for page, page_name in zip(pages, page_names(name or path.stem, len(pages))):
+    image = match_channels(to_float(page, name=str(path)), model.in_channels, name=str(path))
+    probabilities = predict_image(model, image, **options)
+    classes = probabilities.argmax(axis=-1)
+    files = {"mask": output / f"{page_name}_mask.png",
+             "overlay": output / f"{page_name}_overlay.png"}
+    Image.fromarray(class_mask(classes, model.num_classes)).save(files["mask"])
+    Image.fromarray(overlay(image, classes)).save(files["overlay"])
+    if save_probabilities:
+      files["probabilities"] = output / f"{page_name}_probabilities.npy"
+      np.save(files["probabilities"], probabilities)
+    written += files.values()
+  return written
+
+
+def add_prediction_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags shared with ``unet_jax.evaluate``."""
+  parser.add_argument("--checkpoint", required=True, help="a training workdir, a converted "
+                      "model directory, or a PyTorch .pth/.pt/.safetensors file")
+  parser.add_argument("--tile-size", type=int, default=None,
+                      help="tile input size in pixels (a valid input size of the model; "
+                      "default: output ≥ min(image, 388) per axis)")
+  parser.add_argument("--batch-size", type=int, default=4, help="tiles per network call")
+  parser.add_argument("--overlap", type=float, default=0.5,
+                      help="tile overlap for models with padded convolutions")
+  parser.add_argument("--tta", action="store_true",
+                      help="average over flips (and quarter turns for square tiles)")
+  parser.add_argument("--cpu-layer", "--cpu_layer", choices=("auto", "on", "off"),
+                      default="auto", help="the CPU layer (unet_jax.cpu): faster operations "
+                      "and process settings; auto: on when JAX runs on the CPU")
+
+
+def load_for_cli(parser: argparse.ArgumentParser, checkpoint: str, *, cpu_layer: str = "auto"):
+  """The model of ``--checkpoint``, or exit 2 with a message naming it.
+
+  As an entry point, it applies the CPU layer's process settings first (before JAX starts),
+  switches the model to the layer's operations where ``cpu_layer`` asks for them, and reports
+  both on stderr.
+  """
+  from unet_jax import cpu
+  from unet_jax.training.checkpoint import load_model
+  settings = cpu.configure_process(cpu_layer)
+  try:
+    model = load_model(checkpoint)[0]
+  except Exception as error:  # loading raises many types for missing or foreign files
+    parser.exit(2, f"error: cannot load the checkpoint {checkpoint}: "
+                   f"{type(error).__name__}: {error}\n")
+  ops, why = cpu.select_ops(cpu_layer)
+  cpu.report(ops, why, settings)
+  return cpu.enable(model) if ops is cpu.OPS else model
+
+
+def report_failures(failures: dict[str, str]) -> int:
+  """Print the files that failed; the exit status (1 if any)."""
+  for name, error in failures.items():
+    print(f"failed: {name}: {error}", file=sys.stderr)
+  if failures:
+    print(f"{len(failures)} file(s) failed", file=sys.stderr)
+  return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  from tqdm import tqdm
+  parser = argparse.ArgumentParser(
+      prog="python -m unet_jax.predict",
+      description="Segment images of any size with a U-Net (overlap-tile). Writes "
+      "<stem>_mask.png (0/255 for two classes, class ids otherwise), <stem>_overlay.png and, "
+      "with --save-probabilities, <stem>_probabilities.npy ([H, W, classes] float32). "
+      "Multi-page TIFFs give <stem>_page000_... per page.")
+  add_prediction_flags(parser)
+  parser.add_argument("--input", required=True, help="an image file or a folder of images")
+  parser.add_argument("--output", required=True, help="folder for the results")
+  parser.add_argument("--save-probabilities", action="store_true")
+  args = parser.parse_args(argv)
+  try:
+    images, unsupported = list_images(args.input)
+  except (OSError, ValueError) as error:
+    parser.exit(2, f"error: {error}\n")
+  model = load_for_cli(parser, args.checkpoint, cpu_layer=args.cpu_layer)
+  output = pathlib.Path(args.output)
+  output.mkdir(parents=True, exist_ok=True)
+  failures = {str(p): f"unsupported file type; supported: {', '.join(IMAGE_SUFFIXES)}"
+              for p in unsupported}
+  stems = [p.stem for p in images]
+  for path in tqdm(images, unit="image", disable=None):
+    name = path.stem if stems.count(path.stem) == 1 else path.name  # a.png and a.tif
+    try:
+      predict_file(model, path, output, name=name, save_probabilities=args.save_probabilities,
+                   tile_size=args.tile_size, batch_size=args.batch_size,
+                   overlap=args.overlap, tta=args.tta)
+    except Exception as error:  # one bad file must not stop the others
+      failures[str(path)] = f"{type(error).__name__}: {error}"
+  print(f"wrote {len(images) + len(unsupported) - len(failures)} of {len(images)} image "
+        f"file(s) to {output}")
+  return report_failures(failures)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
