@@ -15,9 +15,14 @@ repeat makes one untimed call (the switch from the other framework lands there) 
 times ``--iters`` calls. The table shows medians. ``ratio`` is JAX time / PyTorch time:
 above 1, JAX is slower.
 
-* JAX's training step is the package's own: ``unet_jax.train.train_step`` wrapped by
+* JAX's training step is the package's own: ``unet_jax.training.train_step`` wrapped by
   ``parallel.data_parallel`` on a one-device mesh, with the state donated, which is what
-  ``training.py`` runs. It also computes a confusion matrix and gradient and parameter norms,
+  ``train.py`` runs.
+* Like ``train.py``, the script turns on the CPU layer (``unet_jax.cpu``) when JAX runs on the
+  CPU: ``jax`` is the model with the layer's operations, and ``jax_stock`` the same model with
+  stock JAX operations, timed in the same turns (``--no-stock`` skips it). ``--cpu-layer off``
+  runs the whole process without the layer (no process settings either): then ``jax`` is
+  stock JAX. It also computes a confusion matrix and gradient and parameter norms,
   which PyTorch's loop does not; ``--jax-step plain`` times a bare ``jax.jit`` step (loss,
   gradients, SGD, BatchNorm statistics, donated state) instead.
 * Inference is the eval-mode forward pass: ``jax.jit`` of the merged model, and PyTorch's
@@ -27,10 +32,10 @@ above 1, JAX is slower.
   resident memory during one step above its level before it (Linux: the peak is reset through
   ``/proc/self/clear_refs`` and freed heap memory returned with ``malloc_trim`` first). JAX's
   ``xla_temp_bytes`` is XLA's own compiled memory analysis: the step's scratch memory.
-* Both frameworks run in one process, so both get the ``malloc`` options that
-  ``import unet_jax`` sets (``unet_jax.malloc_defaults``; recorded in the JSON);
-  ``UNET_JAX_MALLOC_DEFAULTS=0`` measures both under glibc's defaults instead.
-* On CPUs, the round trip of a cache line between two cores (``core_latency.py``) is
+* Both frameworks run in one process, so both get the ``malloc`` options that the CPU layer
+  sets (``unet_jax.cpu.malloc``; recorded in the JSON); ``UNET_JAX_MALLOC_DEFAULTS=0``
+  measures both under glibc's defaults instead.
+* On CPUs, the round trip of a cache line between two cores (``probes/core_latency.py``) is
   measured before every turn and printed: a JAX step slows down by a third when its two
   cores do not share a cache (hundreds of nanoseconds instead of tens), PyTorch's by a tenth,
   and a virtual machine's host may move its CPUs in mid-run.
@@ -70,9 +75,12 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from unet_jax import flops, malloc_defaults, model, native, parallel, train, xla_defaults
+from unet_jax import cpu, flops, model, ops as ops_lib, training
+from unet_jax.cpu import native
+from unet_jax.training import parallel
 
-import core_latency
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "probes"))
+import core_latency  # noqa: E402
 from memory import package_train_step
 from process_stats import minor_faults, peak_memory
 from torch_unet import TorchUNet, torch_twin
@@ -83,15 +91,17 @@ from torch_unet import TorchUNet, torch_twin
 class JaxRunner:
   """The Flax model's training step (the package's, or a bare jit) and eval forward pass."""
 
-  def __init__(self, net: model.UNet, options: dict, batch: dict, args):
-    self.name, self.device = "jax", "jax-gpu" if jax.default_backend() == "gpu" else "cpu"
+  def __init__(self, net: model.UNet, options: dict, batch: dict, args, *,
+               ops: ops_lib.Ops, name: str = "jax"):
+    self.name, self.device = name, "jax-gpu" if jax.default_backend() == "gpu" else "cpu"
+    model.use_ops(net, ops)
     tx = optax.sgd(args.learning_rate, momentum=0.99)
     self.mesh = parallel.make_mesh(jax.devices()[:1])
     self.step, state, eval_graphdef = package_train_step(net, tx, self.mesh, seed=args.seed)
     self.state = parallel.replicate(state, self.mesh)
     self.batch = parallel.shard_batch(batch, self.mesh)
     if args.jax_step == "plain":  # a model without the norm axis: it runs outside shard_map
-      plain = nnx.eval_shape(lambda: model.UNet(**options, rngs=nnx.Rngs(0)))
+      plain = nnx.eval_shape(lambda: model.UNet(**options, ops=ops, rngs=nnx.Rngs(0)))
       plain.train()
       self.step = jax.jit(functools.partial(plain_train_step, graphdef=nnx.graphdef(plain),
                                             tx=tx), donate_argnums=(0,))
@@ -215,6 +225,9 @@ def benchmark_case(preset: str, width: int, args) -> dict:
   results["jax"]["xla_temp_bytes"] = runners[0].xla_temp_bytes()
   ratio = {key: results["jax"][f"{key}_s"] / results["torch"][f"{key}_s"]
            for key in ("train_step", "inference")}
+  if "jax_stock" in results:
+    ratio.update({f"{key}_stock": results["jax_stock"][f"{key}_s"] / results["torch"][f"{key}_s"]
+                  for key in ("train_step", "inference")})
   return {"preset": preset, "features": list(features), "input": [args.size, args.size],
           "output": list(out_hw), "batch": args.batch, "params": model.count_params(net),
           "gflop": {"train_step": counts["train"] / 1e9, "inference": counts["infer"] / 1e9},
@@ -224,7 +237,10 @@ def benchmark_case(preset: str, width: int, args) -> dict:
 
 def _ready_runners(net, options, batch, args) -> tuple[list, dict]:
   """The contenders, each warmed up; a failing ``torch.compile`` is recorded and dropped."""
-  runners = [JaxRunner(net, options, batch, args), TorchRunner(torch_twin(net), batch, args)]
+  runners = [JaxRunner(net, options, batch, args, ops=args.ops)]
+  if args.ops is not ops_lib.STOCK and args.stock:
+    runners.append(JaxRunner(net, options, batch, args, ops=ops_lib.STOCK, name="jax_stock"))
+  runners.append(TorchRunner(torch_twin(net), batch, args))
   if args.torch_compile:
     runners.append(TorchRunner(torch_twin(net), batch, args, compiled=True))
   results = {r.name: {} for r in runners}
@@ -272,10 +288,10 @@ def environment(args) -> dict:
           "jax": jax.__version__, "flax": flax.__version__, "torch": torch.__version__,
           "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
           "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "native_kernels": native.status(), "malloc_defaults": malloc_defaults.applied(),
-          "xla_defaults": {"flag": xla_defaults.applied(),
-                           "inline_dispatch": xla_defaults.inline_dispatch()},
-          "args": vars(args)}
+          "native_kernels": native.status(),
+          "cpu_layer": {"ops": args.ops.name, "why": args.ops_why, "settings": args.settings},
+          "args": {k: v for k, v in vars(args).items()
+                   if k not in ("ops", "ops_why", "settings")}}
 
 
 def _cpu_name() -> str:
@@ -296,7 +312,7 @@ def markdown_table(results: list[dict]) -> str:
           "| ratio | compile (s) | train GFLOP/s | train peak (MB) | page faults / step |",
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for case in results:
-    for name in ("jax", "torch", "torch_compile"):
+    for name in ("jax", "jax_stock", "torch", "torch_compile"):
       out = case.get(name)
       if out is None:
         continue
@@ -338,6 +354,11 @@ def parse_args(argv=None):
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--jax-step", choices=("package", "plain"), default="package")
   parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+  parser.add_argument("--cpu-layer", choices=cpu.MODES, default="auto",
+                      help="the CPU layer, as train.py takes it (auto: on when JAX runs on "
+                      "the CPU)")
+  parser.add_argument("--no-stock", dest="stock", action="store_false",
+                      help="with the CPU layer on, do not also time stock JAX")
   parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: "
                       "PyTorch's own choice)")
   parser.add_argument("--output", help="write the results as JSON here")
@@ -346,6 +367,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
+  args.settings = cpu.configure_process(args.cpu_layer)  # before JAX starts a backend
+  args.ops, args.ops_why = cpu.select_ops(args.cpu_layer)
+  cpu.report(args.ops, args.ops_why, args.settings)
   torch.manual_seed(args.seed)
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
@@ -358,10 +382,13 @@ def main(argv=None) -> list[dict]:
       print(f"done: {preset} width {width}", file=sys.stderr)
   report = {"environment": environment(args), "results": results}
   print(markdown_table(results))
-  print(f"\nratio = JAX / PyTorch time (above 1: JAX slower). torch threads: "
-        f"{report['environment']['torch_threads']}; memory: {results[0]['jax']['memory_method']}; "
-        f"malloc options set by unet_jax (both frameworks): "
-        f"{report['environment']['malloc_defaults'] or 'none'}")
+  print(f"\nratio = JAX / PyTorch time (above 1: JAX slower). jax: the model with "
+        f"{args.ops.name} operations"
+        + ("; jax_stock: with stock JAX operations, same process" if args.stock
+           and args.ops is not ops_lib.STOCK else "")
+        + f". torch threads: {report['environment']['torch_threads']}; memory: "
+        f"{results[0]['jax']['memory_method']}; process settings (both frameworks): "
+        f"{'; '.join(args.settings) or 'none'}")
   for case in results:
     trips = [t for t in case["core_round_trip_ns"] if t is not None]
     if trips:

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from unet_jax import training
+from unet_jax import cpu, training
 from unet_jax.training import parallel
 from unet_jax.model import PRESETS
 
@@ -34,11 +34,16 @@ def main() -> None:
   parser.add_argument("--size", type=int, default=188)
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--cpu-layer", choices=cpu.MODES, default="auto",
+                      help="the CPU layer, as train.py takes it")
   args = parser.parse_args()
+  settings = cpu.configure_process(args.cpu_layer)  # before JAX starts a backend
+  ops, why = cpu.select_ops(args.cpu_layer)
+  cpu.report(ops, why, settings)
 
   features = tuple(args.width * 2**k for k in range(5))
   model = PRESETS[args.preset](1, 2, features=features, dropout=0.0, norm_axis_name="data",
-                               rngs=nnx.Rngs(0))
+                               ops=ops, rngs=nnx.Rngs(0))
   output = model.output_shape(args.size, args.size)
   tx = optax.sgd(1e-3, momentum=0.99)
   state, graphdef, eval_graphdef = training.create_train_state(model, tx, seed=0)
@@ -73,7 +78,7 @@ def main() -> None:
     forwards.append(time.perf_counter() - start)
   steps, forwards = steps[1:], forwards[1:]
   print(json.dumps({"python": platform.python_version(), "jax": jax.__version__,
-                    "preset": args.preset, "width": args.width, "size": args.size,
+                    "cpu_layer": ops.name, "preset": args.preset, "width": args.width, "size": args.size,
                     "batch": args.batch, "train_step_s": statistics.median(steps),
                     "inference_s": statistics.median(forwards),
                     "first_call_s": compile_s}))

@@ -41,7 +41,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from unet_jax import training
+from unet_jax import cpu, training
 from unet_jax.training import parallel
 from unet_jax.data import pipeline
 
@@ -65,10 +65,14 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config, seconds = flags.FLAGS.config, flags.FLAGS.seconds
+  settings = cpu.configure_process("auto")  # as train.py: before JAX starts a backend
+  ops, why = cpu.select_ops("auto")
+  cpu.report(ops, why, settings)
   mesh = parallel.make_mesh()
   local_batch = parallel.local_batch_size(config.batch_size, mesh)
   kwargs = training.model_kwargs(config.model)
-  model = training.create_model(kwargs, seed=config.seed, norm_axis_name=parallel.AXIS)
+  model = training.create_model(kwargs, seed=config.seed, norm_axis_name=parallel.AXIS,
+                                ops=ops)
   input_hw, output_hw = pipeline.tile_shapes(config.data, model.geometry)
   dataset = pipeline.train_dataset(config.data, input_hw=input_hw, output_hw=output_hw,
                                    local_batch=local_batch)

@@ -6,6 +6,7 @@ Predicts every hold-out slice (25–29 unless the run's config says otherwise) w
 overlap-tile strategy, and prints the pixel error, the foreground-restricted Rand error and
 the membrane IoU over the hold-out (a markdown table), and writes two PNGs: the training
 curves from ``metrics.jsonl`` and a corner of two hold-out slices (image | label | prediction).
+Drawing needs matplotlib: ``pip install -e ".[docs]"``.
 """
 
 import argparse
@@ -13,7 +14,10 @@ import json
 import pathlib
 import time
 
-import matplotlib
+try:
+  import matplotlib
+except ImportError as error:
+  raise SystemExit('docs/make_results.py draws with matplotlib: pip install -e ".[docs]"') from error
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -75,8 +75,9 @@ def test_no_glibc_no_options(fresh, monkeypatch):
 
 _FAULTS = textwrap.dedent("""
     import ctypes, os
-    import unet_jax
+    from unet_jax import cpu
     from unet_jax.cpu import malloc as malloc_defaults
+    cpu.configure_process("on")
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]

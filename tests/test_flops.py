@@ -87,10 +87,9 @@ def test_forward_count_matches_xla(preset, options, hw):
 # at real widths where the convolutions dominate even more.
 @pytest.mark.parametrize("preset,hw", [("paper", (44, 44)), ("walkthrough", (44, 44))])
 def test_train_step_count_matches_xla_gradient(preset, hw, monkeypatch):
-  # The count is of the textbook computation. ``ops.conv_general_dilated`` takes a padded
+  # The count is of the textbook computation: the stock model (the CPU layer takes a padded
   # convolution's kernel gradient on an explicitly padded input, whose zeros XLA's cost
-  # analysis counts as work (it skips implicit padding), so count the plain lax gradient.
-  monkeypatch.setattr(model.ops, "conv_general_dilated", jax.lax.conv_general_dilated)
+  # analysis would count as work).
   net = model.PRESETS[preset](**TINY, rngs=nnx.Rngs(0))
   net.train()
   graphdef, params, rest = nnx.split(net, nnx.Param, ...)

@@ -178,6 +178,74 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored)), step
 
 
+def _sparse_sync_config(**overrides):
+  """Sync points only at steps 3 and 6: steps 1, 2, 4 and 5 run with device reads refused."""
+  config = tiny_config(num_steps=6, eval_every=6, log_every=3, **overrides)
+  config.checkpoint.every = 100
+  return config
+
+
+@pytest.fixture
+def strict_reads(monkeypatch):
+  """Make every read of a device array fail inside the loop's guarded steps.
+
+  The loop runs the steps between sync points under ``jax.transfer_guard_device_to_host
+  ("disallow")``, which JAX enforces on GPUs and TPUs but not on the CPU (whose buffers are
+  host memory); here a read (``float``, ``np.asarray``, ``device_get``) fails there too.
+  """
+  from jax._src.array import ArrayImpl
+  guarded = []
+  real_guard, real_value = jax.transfer_guard_device_to_host, ArrayImpl._value
+
+  class Guard:
+    def __init__(self, level):
+      self.inner = real_guard(level)
+
+    def __enter__(self):
+      guarded.append(True)
+      return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+      guarded.pop()
+      return self.inner.__exit__(*exc)
+
+  def value(self):
+    if guarded:
+      raise RuntimeError("Disallowed device-to-host transfer between sync points")
+    return real_value.fget(self)
+
+  monkeypatch.setattr(jax, "transfer_guard_device_to_host", Guard)
+  monkeypatch.setattr(ArrayImpl, "_value", property(value))
+
+
+def test_the_loop_reads_nothing_from_the_devices_between_sync_points(tmp_path, strict_reads):
+  final = training.train_and_evaluate(_sparse_sync_config(), str(tmp_path))
+  assert np.isfinite(final["loss"])
+  logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
+  assert logged == [3, 6, 6]  # train at 3 and 6, eval at 6
+
+
+def test_a_read_between_sync_points_fails_loudly(tmp_path, monkeypatch, strict_reads):
+  from unet_jax.training import report
+  original = report.Reporter.train_step
+
+  def reads_every_step(self, step, measurements):
+    float(measurements["loss"])  # what a careless per-step logger would do
+    return original(self, step, measurements)
+
+  monkeypatch.setattr(report.Reporter, "train_step", reads_every_step)
+  with pytest.raises(Exception, match=r"[Dd]isallowed device-to-host transfer"):
+    training.train_and_evaluate(_sparse_sync_config(), str(tmp_path))
+
+
+def test_bad_labels_in_a_later_batch_stop_the_run_naming_the_step(tmp_path, monkeypatch):
+  _patch_iterator(monkeypatch, 5, lambda batch: {**batch, "label": batch["label"] * 0 + 7})
+  with pytest.raises(ValueError, match=r"labels of step 5 hold values outside the model's "
+                                       r"classes 0\.\.1"):
+    training.train_and_evaluate(_sparse_sync_config(), str(tmp_path))
+  assert not (tmp_path / "checkpoints" / "6").exists()
+
+
 def test_indivisible_global_batch_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"batch size 6 does not divide evenly over 8 devices"):
     training.train_and_evaluate(tiny_config(batch_size=6), str(tmp_path))
@@ -197,6 +265,7 @@ def test_command_line_overrides_reach_the_run(tmp_path):
                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "final validation:" in result.stdout
+  assert "CPU layer on (native kernels:" in result.stderr  # the entry point says what it set
   assert any(cache.iterdir())  # the compiled steps, for the next run of the same command
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["train"]["num_steps"] == 2

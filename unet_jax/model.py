@@ -283,7 +283,7 @@ class UNet(nnx.Module):
       x = up(x, skips.pop())
     return self.head(x).astype(jnp.float32)
 
-  def check_input(self, shape: Sequence[int]) -> tuple[int, int]:
+  def check_input(self, shape: Sequence[int]) -> tuple[int, int] | None:
     """Raise a clear ``ValueError`` unless ``shape`` is a valid ``[N, H, W, C]`` input."""
     if len(shape) != 4:
       raise ValueError(f"expected images of shape [N, H, W, {self.in_channels}], got shape "
@@ -291,6 +291,8 @@ class UNet(nnx.Module):
     if shape[-1] != self.in_channels:
       raise ValueError(f"this U-Net takes {self.in_channels} input channel(s), got an input "
                        f"of shape {tuple(shape)} with {shape[-1]}; NHWC layout is expected")
+    if not all(isinstance(size, (int, np.integer)) for size in shape[1:3]):
+      return None  # symbolic sizes (jax.export): their constraints are the exporter's to state
     return self.geometry.check_shape(shape[1], shape[2])
 
   def output_shape(self, height: int, width: int) -> tuple[int, int]:

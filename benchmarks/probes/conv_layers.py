@@ -12,7 +12,7 @@ in one process, each framework's
 * input gradient (the gradient with respect to the layer's input);
 * weight gradient (with respect to the kernel).
 
-JAX runs ``unet_jax.ops.conv_general_dilated`` (what the model uses) under ``jax.jit``, one
+JAX runs ``unet_jax.cpu.ops.conv_general_dilated`` (the CPU layer's) under ``jax.jit``, one
 compiled function per pass, after warm-up. PyTorch runs ``conv2d`` and
 ``aten.convolution_backward`` with one output requested at a time, eagerly, with its default
 threads. Each figure is the median of ``--repeats`` calls in milliseconds; the totals row
@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unet_jax import native, ops, xla_defaults
+from unet_jax import cpu
+from unet_jax.cpu import native, ops, xla as xla_defaults
 from unet_jax.model import PRESETS
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -149,6 +150,7 @@ def markdown(rows: list[dict], totals: dict, with_torch: bool) -> str:
 
 
 def main() -> None:
+  cpu.configure_process("on")  # an entry point: the CPU layer's settings, before JAX starts
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="walkthrough", choices=sorted(PRESETS))
   parser.add_argument("--width", type=int, default=64, help="channels of the top level")

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from unet_jax import native
+from unet_jax.cpu import native
 
 _SOURCE = r"""
 #define _GNU_SOURCE

@@ -1,4 +1,4 @@
-"""Each of ``unet_jax.ops`` against the plain ``lax`` formulation it replaces, on this machine.
+"""Each of the CPU layer's operations (``unet_jax.cpu.ops``) against the plain ``lax`` formulation it replaces, on this machine.
 
   python benchmarks/cpu_ops.py --output cpu_ops.json
   python benchmarks/cpu_ops.py --tiny          # seconds: small shapes, for a smoke test
@@ -6,7 +6,7 @@
 Times, at the shapes where each matters in the U-Net's train step (batch 2, 188×188 input):
 
 * the 2×2 up-convolution's forward and backward pass: ``lax.conv_transpose`` against
-  ``ops.up_conv_2x2``;
+  ``unet_jax.ops.up_conv_2x2``;
 * 2×2 max-pooling's forward and backward pass: ``nnx.max_pool`` against ``ops.max_pool_2x2``;
 * training-mode BatchNorm's forward and backward pass: automatic differentiation of the
   formula against ``ops.batch_norm_train``;
@@ -19,7 +19,7 @@ Times, at the shapes where each matters in the U-Net's train step (batch 2, 188�
 * the forward pass of a 3×3 convolution of a one-channel image (the first layer): XLA's
   against the elementwise sum of shifted copies;
 * XLA's own forward and weight gradient of an unpadded 3×3 convolution, in a fresh process
-  with and without ``unet_jax.xla_defaults`` (``UNET_JAX_XLA_DEFAULTS=0``).
+  with and without the CPU layer's XLA option (``unet_jax.cpu.xla``) (``UNET_JAX_XLA_DEFAULTS=0``).
 
 Each line checks that the two formulations agree, and reports medians in milliseconds.
 """
@@ -33,14 +33,17 @@ import subprocess
 import sys
 import time
 
-import unet_jax  # noqa: F401  (sets the package's XLA defaults before JAX starts)
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
 
-from unet_jax import native, ops, xla_defaults
+from unet_jax import cpu
+from unet_jax import ops as stock
+from unet_jax.cpu import native, ops, xla as xla_defaults
+
+cpu.configure_process("on")  # before JAX starts a backend; UNET_JAX_XLA_DEFAULTS=0 declines
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -96,8 +99,8 @@ def op_cases(tiny: bool, repeats: int) -> list[dict]:
     plain = _forward_backward(lambda x, k: lax.conv_transpose(x, k, (2, 2), "VALID",
                                                                dimension_numbers=NHWC))
     rows.append(_compare("2×2 up-convolution, forward + backward", [n, h, w, c, o], plain,
-                         _forward_backward(ops.up_conv_2x2),
-                         (_cotangent(ops.up_conv_2x2, x, k), x, k), repeats))
+                         _forward_backward(stock.up_conv_2x2),
+                         (_cotangent(stock.up_conv_2x2, x, k), x, k), repeats))
   pools = [(2, 8, 8, 4)] if tiny else [(2, 184, 184, 64), (2, 88, 88, 128)]
   for shape in pools:
     x = _normal(rng, shape)

@@ -2,8 +2,9 @@
 
 The loop keeps the accelerators busy: between two sync points (log, eval and checkpoint steps,
 and the last step) nothing is read back from the devices, and no collective runs outside the
-step; those steps run under ``jax.transfer_guard_device_to_host("disallow")``, so an
-accidental read fails loudly instead of stalling the pipeline. The step itself records
+step; those steps run under ``jax.transfer_guard_device_to_host("disallow")``, so on GPUs
+and TPUs an accidental read fails loudly instead of stalling the pipeline (JAX does not guard
+the CPU, whose buffers are host memory; the tests check the loop there by other means). The step itself records
 problems (a non-finite loss, gradient or parameter norm, non-finite pixels, labels outside the
 classes) into a small device-side record of the first step at which each occurred; the loop
 reads it at every sync point and before every checkpoint, so no damaged state is ever saved

@@ -3,7 +3,7 @@
 ``peak_memory(run, device)``: on GPUs, the framework allocator's statistics; on CPUs, the
 process's peak resident memory during one call above its level before it (Linux: the peak is
 reset through ``/proc/self/clear_refs``, freed heap memory is returned with ``malloc_trim``
-first, and ``unet_jax.malloc_defaults`` is suspended meanwhile, since it keeps freed memory
+first, and ``unet_jax.cpu.malloc`` is suspended meanwhile, since it keeps freed memory
 resident). ``minor_faults()``: the process's minor page faults so far.
 """
 
@@ -14,7 +14,7 @@ import ctypes
 import gc
 import re
 
-from unet_jax import malloc_defaults
+from unet_jax.cpu import malloc as malloc_defaults
 
 
 def _rss_bytes(field: str) -> int:
