@@ -3,6 +3,7 @@ place, and everything falls back."""
 
 import os
 import pathlib
+import shutil
 import stat
 import subprocess
 import sys
@@ -158,23 +159,6 @@ def test_the_cache_directory_is_private_and_the_library_is_this_users(tmp_path):
   assert not library.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-@pytest.mark.parametrize("mode", [0o777, 0o770])
-def test_a_cache_directory_others_can_write_is_refused(tmp_path, mode):
-  cache = _built_cache(tmp_path)
-  cache.chmod(mode)
-  available, used, reason = _in_subprocess({"UNET_JAX_CACHE_DIR": str(cache)}).split("|")
-  assert (available, used) == ("False", "False")
-  assert f"directory {cache} is writable by" in reason and "UNET_JAX_CACHE_DIR" in reason
-
-
-def test_a_library_others_can_write_is_refused(tmp_path):
-  cache = _built_cache(tmp_path)
-  (library,) = cache.glob("conv-*.so")
-  library.chmod(0o777)
-  available, used, reason = _in_subprocess({"UNET_JAX_CACHE_DIR": str(cache)}).split("|")
-  assert (available, used) == ("False", "False") and "writable by others" in reason
-
-
 PLANTED = r"""
 #include <stdio.h>
 __attribute__((constructor)) static void planted(void) {
@@ -185,22 +169,79 @@ void UnetJaxConvKernelGrad(void) {}
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
-def test_a_planted_library_of_another_user_never_runs(tmp_path):
-  """A library with the expected name, planted by someone else, is refused before loading:
-  its constructor (which would write a marker file) never runs, and XLA is used."""
-  cache = _built_cache(tmp_path)
-  (library,) = cache.glob("conv-*.so")
-  marker = tmp_path / "marker"
-  source = tmp_path / "planted.c"
+def _planted(tmp_path, directory) -> tuple[pathlib.Path, pathlib.Path]:
+  """A library whose constructor writes a marker file, in ``directory``."""
+  if shutil.which("cc") is None:
+    pytest.skip("needs a C compiler to build the planted library")
+  marker, source = tmp_path / "marker", tmp_path / "planted.c"
   source.write_text(PLANTED)
+  library = directory / "conv-0123456789abcdef.so"
   subprocess.run(["cc", "-shared", "-fPIC", f'-DMARKER="{marker}"', str(source), "-o",
                   str(library)], check=True)
   library.chmod(0o700)
+  return library, marker
+
+
+def _no_build():
+  raise AssertionError("nothing should be built here")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_planted_library_of_another_user_never_runs(tmp_path):
+  """A library with the expected name, planted by someone else, is refused before loading:
+  its constructor (which would write a marker file) never runs."""
+  cache = tmp_path / "cache"
+  native._make_private_directory(cache)
+  library, marker = _planted(tmp_path, cache)
   os.chown(library, 65534, 65534)
-  available, used, reason = _in_subprocess({"UNET_JAX_CACHE_DIR": str(cache)}).split("|")
-  assert (available, used) == ("False", "False")
-  assert "belongs to user id 65534" in reason and not marker.exists()
+  with pytest.warns(RuntimeWarning, match="belongs to user id 65534"), \
+       pytest.raises(native._Unavailable, match="belongs to user id 65534"):
+    native._open(library, build=_no_build)
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize("directory_mode,library_mode,message", [
+    (0o777, 0o700, "directory .* is writable by others"),
+    (0o770, 0o700, "directory .* is writable by its group"),
+    (0o700, 0o722, "library .* is writable by others"),
+])
+def test_a_library_others_could_have_written_never_runs(tmp_path, directory_mode,
+                                                         library_mode, message):
+  cache = tmp_path / "cache"
+  native._make_private_directory(cache)
+  assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+  library, marker = _planted(tmp_path, cache)
+  library.chmod(library_mode)
+  cache.chmod(directory_mode)
+  with pytest.warns(RuntimeWarning), pytest.raises(native._Unavailable, match=message):
+    native._open(library, build=_no_build)
+  assert not marker.exists()
+
+
+def test_a_symbolic_link_in_place_of_the_library_is_refused(tmp_path):
+  cache = tmp_path / "cache"
+  native._make_private_directory(cache)
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  target, marker = _planted(tmp_path, elsewhere)
+  (cache / target.name).symlink_to(target)
+  with pytest.warns(RuntimeWarning), pytest.raises(native._Unavailable,
+                                                   match="is a symbolic link"):
+    native._open(cache / target.name, build=_no_build)
+  assert not marker.exists()
+
+
+def test_a_safe_library_loads_and_a_damaged_one_is_rebuilt(tmp_path):
+  cache = tmp_path / "cache"
+  native._make_private_directory(cache)
+  library, marker = _planted(tmp_path, cache)
+  lib = native._open(library, build=_no_build)  # ours, private: it loads (and its code runs)
+  assert lib.UnetJaxConvForward and marker.exists()
+  library.write_bytes(b"not a shared object")
+  built = []
+  with pytest.raises(native._Unavailable):  # the rebuild here makes nothing loadable
+    native._open(library, build=lambda: built.append(library.write_bytes(b"still not")))
+  assert built
 
 
 def test_a_damaged_cached_library_is_built_again(tmp_path):

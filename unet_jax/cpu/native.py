@@ -124,29 +124,35 @@ def _load() -> pathlib.Path:
   source = SOURCE.read_bytes()
   key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), version.encode(),
                                    flags.encode()])).hexdigest()[:16]
-  directory = cache_dir()
-  _make_private_directory(directory)
-  _check_private(directory, kind="directory")
-  library = directory / f"conv-{key}.so"
-  if not os.path.lexists(library):
-    _compile(compiler, library)
-  _check_private(library, kind="library")
-  try:
-    lib = ctypes.CDLL(str(library))
-    lib.UnetJaxConvForward, lib.UnetJaxConvKernelGrad  # noqa: B018
-  except (OSError, AttributeError):  # a damaged cache entry: build it once more
-    library.unlink()
-    _compile(compiler, library)
-    _check_private(library, kind="library")
-    try:
-      lib = ctypes.CDLL(str(library))
-    except OSError as error:
-      raise _Unavailable(f"{library} does not load: {error}") from error
+  library = cache_dir() / f"conv-{key}.so"
+  lib = _open(library, build=lambda: _compile(compiler, library))
   jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.UnetJaxConvForward),
                               platform="cpu")
   jax.ffi.register_ffi_target(KERNEL_GRAD, jax.ffi.pycapsule(lib.UnetJaxConvKernelGrad),
                               platform="cpu")
   return library
+
+
+def _open(library: pathlib.Path, *, build) -> ctypes.CDLL:
+  """Load ``library`` from its private directory, calling ``build()`` to make it if it is
+  missing or does not load; raises ``_Unavailable`` for anything unsafe."""
+  _make_private_directory(library.parent)
+  _check_private(library.parent, kind="directory")
+  if not os.path.lexists(library):
+    build()
+  _check_private(library, kind="library")
+  try:
+    lib = ctypes.CDLL(str(library))
+    lib.UnetJaxConvForward, lib.UnetJaxConvKernelGrad  # noqa: B018
+    return lib
+  except (OSError, AttributeError):  # a damaged cache entry: build it once more
+    library.unlink()
+  build()
+  _check_private(library, kind="library")
+  try:
+    return ctypes.CDLL(str(library))
+  except OSError as error:
+    raise _Unavailable(f"{library} does not load: {error}") from error
 
 
 def _make_private_directory(directory: pathlib.Path) -> None:
