@@ -1,4 +1,5 @@
-"""PyTorch ⇄ Flax parity: eval logits, one training step, and the export round trip."""
+"""PyTorch ⇄ Flax parity: eval logits, one training step, and the export round trip, with stock
+JAX operations (the default) and with the CPU layer's (``unet_jax.cpu``)."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from unet_jax import convert
+from unet_jax import convert, cpu
 from unet_jax.interop import pth
 
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch (pip install '.[test]')")
@@ -56,11 +57,17 @@ CASES = [
 ]
 
 
+def _with_layer(flax_model, layer):
+  return cpu.enable(flax_model) if layer == "cpu" else flax_model
+
+
+@pytest.mark.parametrize("layer", ["stock", "cpu"])
 @pytest.mark.parametrize("layout,bilinear,channels,hw", CASES)
-def test_eval_logits_match_through_pth_file(tmp_path, layout, bilinear, channels, hw):
+def test_eval_logits_match_through_pth_file(tmp_path, layout, bilinear, channels, hw, layer):
   torch_model = _torch_model(layout, bilinear=bilinear, in_channels=channels, classes=3,
                              calibration_hw=hw)
   flax_model, config = _through_file(torch_model, tmp_path)
+  flax_model = _with_layer(flax_model, layer)
   assert config["layout"] == layout
   assert config["upsample"] == ("bilinear" if bilinear else "transpose")
   assert config["features"] == list(SMALL)
@@ -83,9 +90,10 @@ def test_full_size_walkthrough_572(tmp_path):
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("layout,bilinear", [("walkthrough", False), ("milesial", False),
-                                             ("milesial", True)])
-def test_one_sgd_step_matches(layout, bilinear):
+@pytest.mark.parametrize("layout,bilinear,layer", [
+    ("walkthrough", False, "stock"), ("milesial", False, "stock"), ("milesial", True, "stock"),
+    ("walkthrough", False, "cpu"), ("milesial", True, "cpu")])
+def test_one_sgd_step_matches(layout, bilinear, layer):
   """Identical weights and data → identical weights and BatchNorm statistics after a step.
 
   Tolerance: gradients of a ~20-layer network summed in a different order in fp32 differ by
@@ -98,6 +106,7 @@ def test_one_sgd_step_matches(layout, bilinear):
                              calibration_hw=hw)
   flax_model, _ = convert.from_pytorch(
       {k: v.numpy() for k, v in torch_model.state_dict().items()})
+  flax_model = _with_layer(flax_model, layer)
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2, 1, *hw)).astype(np.float32)
   out_hw = torch_model.eval()(torch.from_numpy(x)).shape[2:]
