@@ -143,10 +143,28 @@ def upsample_bilinear(x: jax.Array, scale: int = 2) -> jax.Array:
     weights[np.arange(n_out), low + 1] += frac
     return weights
 
+  if not all(isinstance(n, int) for n in x.shape[1:3]):  # symbolic sizes (jax.export)
+    return _interpolate(_interpolate(x, 1, scale), 2, scale)
   rows = jnp.asarray(matrix(x.shape[1]), x.dtype)
   cols = jnp.asarray(matrix(x.shape[2]), x.dtype)
   x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=jax.lax.Precision.HIGHEST)
   return jnp.einsum("pw,nowc->nopc", cols, x, precision=jax.lax.Precision.HIGHEST)
+
+
+def _interpolate(x: jax.Array, axis: int, scale: int) -> jax.Array:
+  """``align_corners=True`` linear interpolation along ``axis`` by gathering the two
+  neighbours: the form that works for symbolic sizes, where the matrices cannot be built."""
+  n_in = jnp.asarray(x.shape[axis], jnp.int32)
+  n_out = x.shape[axis] * scale
+  position = (jnp.arange(n_out, dtype=jnp.float32) * (n_in - 1).astype(jnp.float32)
+              / jnp.maximum(n_in * scale - 1, 1).astype(jnp.float32))
+  low = jnp.maximum(jnp.minimum(jnp.floor(position).astype(jnp.int32), n_in - 2), 0)
+  high = jnp.minimum(low + 1, n_in - 1)
+  frac = (position - low.astype(jnp.float32)).astype(x.dtype)
+  shape = [1] * x.ndim
+  shape[axis] = -1
+  frac = frac.reshape(shape)
+  return jnp.take(x, low, axis=axis) * (1 - frac) + jnp.take(x, high, axis=axis) * frac
 
 
 class UpConv(nnx.ConvTranspose):
@@ -328,6 +346,26 @@ milesial = functools.partial(UNet, encoder_padding="same", decoder_padding="same
                              norm="batch", use_bias=False, concat_order="skip_up")
 
 PRESETS = {"paper": paper, "walkthrough": walkthrough, "milesial": milesial}
+
+
+def config_of(model: UNet) -> dict:
+  """The ``UNet`` keyword arguments that rebuild ``model``'s architecture, as JSON values
+  (``UNet(**config_of(model), rngs=...)`` has the same parameter tree)."""
+  first, up = model.inc.conv1, model.ups[0]
+  config = {"in_channels": model.in_channels, "num_classes": model.num_classes,
+            "features": list(model.features),
+            "encoder_padding": model.geometry.encoder_padding,
+            "decoder_padding": model.geometry.decoder_padding,
+            "upsample": "transpose" if up.up is not None else "bilinear",
+            "norm": "batch" if model.inc.norm1 is not None else None,
+            "use_bias": bool(first.use_bias),
+            "dropout": float(model.dropout.rate) if model.dropout is not None else 0.0,
+            "concat_order": up.concat_order, "remat": bool(model.remat)}
+  if first.dtype is not None:
+    config["dtype"] = jnp.dtype(first.dtype).name
+  if jnp.dtype(first.param_dtype) != jnp.float32:
+    config["param_dtype"] = jnp.dtype(first.param_dtype).name
+  return config
 
 
 def use_ops(model: nnx.Module, ops: ops_lib.Ops) -> nnx.Module:

@@ -111,6 +111,8 @@ def load_model(path: str | os.PathLike, *, step: int | None = None):
 
   * a training workdir (``config.json`` + ``checkpoints/``): the latest step, or ``step``;
   * a directory written by ``python -m unet_jax.convert`` (``config.json`` + ``state/``);
+  * a folder written by ``unet_jax.interop.hub.save_pretrained`` (``config.json`` +
+    ``model.safetensors``);
   * a PyTorch ``.pth``/``.pt``/``.safetensors`` file (converted on the fly).
   """
   import json
@@ -120,9 +122,14 @@ def load_model(path: str | os.PathLike, *, step: int | None = None):
   from unet_jax.interop import convert
   from unet_jax.model import UNet
 
+  from unet_jax.interop import hub
+
   path = pathlib.Path(path).absolute()
   if path.is_file():
     model, config = convert.load_pytorch(path)
+  elif hub.is_pretrained_folder(path):
+    model = hub.from_pretrained(path)
+    config = json.loads((path / hub.CONFIG).read_text())
   elif (path / "state").is_dir():
     model, config = convert.load_flax(path)
   elif (path / "config.json").is_file() and (path / "checkpoints").is_dir():
@@ -148,7 +155,8 @@ def load_model(path: str | os.PathLike, *, step: int | None = None):
     raise FileNotFoundError(f"{path} does not exist")
   else:
     raise ValueError(f"{path} is neither a training workdir (config.json + checkpoints/), a "
-                     f"converted model (config.json + state/) nor a PyTorch checkpoint file")
+                     f"converted model (config.json + state/), a pretrained folder "
+                     f"(config.json + model.safetensors) nor a PyTorch checkpoint file")
   model.eval()
   return model, config
 
