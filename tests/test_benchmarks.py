@@ -123,3 +123,14 @@ def test_memory_script_finds_the_largest_batch(tmp_path):
   assert fit["batch"] >= 1 and fit["peak_bytes"] <= fit["budget_bytes"]
   # The next batch up was compiled and does not fit.
   assert fit["next_peak_bytes"] > fit["budget_bytes"]
+
+
+@pytest.mark.slow
+def test_export_inference_times_onnxruntime_beside_jax(tmp_path):
+  pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install -e '.[onnx]')")
+  pytest.importorskip("jax2onnx", reason="needs jax2onnx (see the README)")
+  report = _run("export_inference", "--width", "2", "--depth", "2", "--size", "44",
+                "--repeats", "2", "--iters", "1", tmp_path=tmp_path)
+  assert set(report["seconds"]) == {"jax", "jax_stablehlo", "onnxruntime"}
+  assert report["ratio_to_jax"]["jax"] == 1.0
+  assert all(v < 1e-4 for v in report["max_abs_difference_to_jax"].values())

@@ -127,7 +127,7 @@ def test_one_sgd_step_matches(layout, bilinear, layer):
     logits = model(jnp.asarray(x.transpose(0, 2, 3, 1)))
     return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels)).mean()
 
-  flax_loss, grads = nnx.value_and_grad(loss_fn)(flax_model)
+  flax_loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(flax_model)
   params = nnx.state(flax_model, nnx.Param)
   nnx.update(flax_model, jax.tree.map(lambda p, g: p - lr * g, params, grads))
   assert abs(float(flax_loss) - loss.item()) < 1e-5

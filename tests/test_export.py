@@ -180,3 +180,23 @@ def test_a_pretrained_folder_is_a_checkpoint_for_predict(tmp_path):
   assert config == unet.config_of(net)
   x = _images(1, 16, 16)
   np.testing.assert_array_equal(loaded(x), net(x))
+
+
+def test_a_repository_id_goes_to_the_hub(tmp_path, monkeypatch):
+  net = _model(unet.milesial)
+  folder = _saved(net, tmp_path)
+  asked = []
+  monkeypatch.setattr(hub, "_download", lambda repo_id, **kw: asked.append(repo_id) or folder)
+  back = hub.from_pretrained("someone/unet-em")
+  assert asked == ["someone/unet-em"]
+  np.testing.assert_array_equal(back(_images(1, 16, 16)), net(_images(1, 16, 16)))
+
+
+def test_without_huggingface_hub_a_repository_id_says_what_to_install():
+  try:
+    import huggingface_hub  # noqa: F401
+    pytest.skip("huggingface_hub is installed (this checks the message without it)")
+  except ImportError:
+    pass
+  with pytest.raises(FileNotFoundError, match="pip install huggingface_hub"):
+    hub.from_pretrained("someone/unet-em")
