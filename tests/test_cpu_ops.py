@@ -48,7 +48,7 @@ CONV_CASES = [
     # At most half a row per output channel: the kernel gradient is a product on CPU.
     (1, 4, 5, 8, 64, 3, ((0, 0), (0, 0))),
     (2, 3, 4, 6, 48, 3, ((1, 0), (2, 1))),
-    # One input channel: the forward pass is an elementwise sum on CPU (two: XLA's).
+    # One and two input channels.
     (2, 9, 7, 1, 16, 3, ((0, 0), (0, 0))),
     (1, 8, 10, 1, 5, 3, ((2, 0), (1, 2))),
     (2, 7, 6, 2, 8, 3, "SAME"),
@@ -78,24 +78,6 @@ def test_input_gradient_formulation_follows_the_rows_per_channel(spatial, channe
       x, k, (1, 1), ((0, 0), (0, 0))).sum())).lower(x).as_text()
   # 2×2 output pixels for 64 channels: the product; 10×10 for 4: XLA's own convolution.
   assert ("dot_general" in text) == dot
-
-
-@pytest.mark.parametrize("channels", [1, 2])
-def test_single_channel_forward_is_an_elementwise_sum_on_cpu(channels):
-  if jax.default_backend() != "cpu":
-    pytest.skip("the reformulation is for the CPU backend only")
-  x, k = _normal((2, 10, 8, channels), 0), _normal((3, 3, channels, 16), 1)
-  text = jax.jit(lambda x: ops.conv_general_dilated(x, k, (1, 1), "VALID")).lower(x).as_text()
-  assert ("stablehlo.convolution" in text) == (channels > 1)
-
-
-def test_single_channel_conv_in_bfloat16_keeps_the_dtype_and_accumulates_in_float32():
-  x = _normal((1, 12, 12, 1), 0).astype(jnp.bfloat16)
-  k = _normal((3, 3, 1, 8), 1).astype(jnp.bfloat16)
-  got = ops.conv_general_dilated(x, k, (1, 1), "VALID")
-  assert got.dtype == jnp.bfloat16
-  want = _lax_conv(x.astype(jnp.float32), k.astype(jnp.float32), "VALID")
-  np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.02, atol=0.05)
 
 
 @pytest.mark.parametrize("spatial,dot", [(4, True), (12, False)])

@@ -147,15 +147,23 @@ def test_export_for_cpu_cuda_and_tpu_round_trips(preset, shape):
     np.testing.assert_allclose(restored.call(x), net(x), rtol=1e-6, atol=1e-6)
 
 
-def test_the_cpu_layer_gives_the_stock_numbers_and_keeps_the_parameters():
-  stock_net, cpu_net = _tiny(), cpu.enable(_tiny())
+@pytest.mark.parametrize("make,hw", [
+    (lambda: _tiny(), (44, 44)),
+    # Four levels, bilinear, one input channel: the case where two former CPU formulations
+    # (a one-channel first layer as a sum, max-pooling gradients by comparison) went wrong
+    # inside jit.
+    (lambda: unet.milesial(1, 3, features=(4, 8, 16, 32, 64), upsample="bilinear",
+                           rngs=nnx.Rngs(0)), (64, 48)),
+], ids=["walkthrough", "milesial-bilinear"])
+def test_the_cpu_layer_gives_the_stock_numbers_and_keeps_the_parameters(make, hw):
+  stock_net, cpu_net = make(), cpu.enable(make())
   assert jax.tree.structure(nnx.state(stock_net)) == jax.tree.structure(nnx.state(cpu_net))
-  x = _normal((2, 44, 44, 1), 0)
+  x = _normal((2, *hw, 1), 0)
   results = []
   for net in (stock_net, cpu_net):
     f, params = _train_mode_fn(net)
-    loss = lambda params: jnp.mean(f(params, x) ** 2)
-    results.append((f(params, x), jax.grad(loss)(params)))
+    loss = lambda params: jnp.mean(jnp.sin(3 * f(params, x)))
+    results.append(jax.jit(lambda p: (f(p, x), jax.grad(loss)(p)))(params))
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 

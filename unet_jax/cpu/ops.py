@@ -17,10 +17,9 @@ behind each.
   gradient is one product too, of the stacked windows with the output gradient, which writes
   the kernel's layout directly instead of transposing XLA's result. Otherwise, the kernel
   gradient of a padded convolution is taken as the unpadded one of the padded input (the
-  same sums, up to twice as fast on CPU). On CPU, the forward pass of a convolution of a
-  one-channel image (the first layer, for greyscale input) is an elementwise sum of shifted
-  copies, 3–4 times faster than XLA's convolution. Everything else, and every other backend,
-  goes to ``lax``.
+  same sums, up to twice as fast on CPU). Everything else, and every other backend, goes to
+  ``lax``. (A one-channel first layer as an elementwise sum of shifted copies was faster, but
+  gave wrong gradients inside a jitted train step: ``docs/performance.md``.)
 * ``max_pool_2x2``: 2×2 max-pooling as a reshape and a max, with a custom gradient (to the
   first maximum of each window, as in PyTorch) that is one elementwise pass, instead of
   ``reduce_window`` with a ``select_and_scatter`` gradient.
@@ -91,12 +90,10 @@ def _lax_conv(x, kernel, padding, precision):
 
 def _forward(x, kernel, padding, precision):
   xla = functools.partial(_lax_conv, padding=padding, precision=precision)
-  n, h, w, c = x.shape
+  n, h, w, _ = x.shape
   kh, kw, _, o = kernel.shape
   rows = n * (h + sum(padding[0]) - kh + 1) * (w + sum(padding[1]) - kw + 1)
-  if c == 1:
-    cpu = functools.partial(_single_channel_conv, padding=padding)
-  elif _use_native(kernel, rows, o, x, kernel):
+  if _use_native(kernel, rows, o, x, kernel):
     cpu = lambda x, kernel: native.conv_forward(_pad(x, padding), kernel)
   else:
     cpu = None
@@ -128,21 +125,6 @@ def _use_native(kernel, rows, out_channels, *arrays) -> bool:
           and kernel.shape[2] * kernel.shape[3] <= NATIVE_MAX_KERNEL_CHANNELS
           and all(a.dtype == jnp.float32 for a in arrays)
           and jax.default_backend() == "cpu" and native.available())
-
-
-def _single_channel_conv(x, kernel, *, padding):
-  """A convolution of a one-channel image as the sum of its shifted, scaled copies.
-
-  One elementwise pass, accumulated in float32: XLA's CPU convolution kernels take 3–4 times
-  longer on a single input channel. (With two or more channels neither this nor other
-  formulations won reliably, so those go to ``lax``.)
-  """
-  kh, kw = kernel.shape[:2]
-  x = _pad(x, padding)
-  h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
-  y = sum(x32[:, a:a + h, b:b + w] * k32[a, b, 0] for a in range(kh) for b in range(kw))
-  return y.astype(jnp.result_type(x, kernel))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -249,24 +231,23 @@ def _max_pool_2x2(x):
 
 
 def _max_pool_fwd(x):
-  # The barrier makes the maximum and the backward pass's comparison read the same bits:
-  # otherwise XLA may fuse x's producer into both and round them differently, and a window
-  # whose maximum no longer compares equal would lose its gradient.
-  x = lax.optimization_barrier(x)
-  out = _windows(x).max(axis=(2, 4))
-  return out, (x, out)
+  # The forward pass records which element of each window is the first maximum (row-major
+  # order, as PyTorch's max_pool2d), and the backward pass routes the gradient by that index.
+  # Comparing the input with the maximum again in the backward pass is not safe: XLA may fuse
+  # x's producer into both and round them differently, and a window whose maximum no longer
+  # compares equal would lose its gradient (seen under jit, 40 % gradient errors).
+  windows = _windows(x)
+  out = windows.max(axis=(2, 4))
+  n, h, _, w, _, c = windows.shape
+  flat = windows.transpose(0, 1, 3, 5, 2, 4).reshape(n, h, w, c, 4)
+  return out, jnp.argmax(flat, axis=-1).astype(jnp.int8)
 
 
-def _max_pool_bwd(residuals, g):
-  x, out = residuals
-  hit = _windows(x) == out[:, :, None, :, None, :]
-  h00, h01, h10, h11 = (hit[:, :, a, :, b] for a in (0, 1) for b in (0, 1))
-  # The first maximum in row-major window order takes the gradient, as in PyTorch.
-  top = jnp.stack([h00, h01 & ~h00], axis=3)
-  bottom = jnp.stack([h10 & ~(h00 | h01), h11 & ~(h00 | h01 | h10)], axis=3)
-  mask = jnp.stack([top, bottom], axis=2)
-  dx = jnp.where(mask, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
-  return (dx.reshape(x.shape),)
+def _max_pool_bwd(index, g):
+  n, h, w, c = g.shape
+  hit = index[..., None] == jnp.arange(4, dtype=jnp.int8)
+  dx = jnp.where(hit, g[..., None], jnp.zeros((), g.dtype)).reshape(n, h, w, c, 2, 2)
+  return (dx.transpose(0, 1, 4, 2, 5, 3).reshape(n, 2 * h, 2 * w, c),)
 
 
 _max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
