@@ -200,3 +200,22 @@ def test_without_huggingface_hub_a_repository_id_says_what_to_install():
     pass
   with pytest.raises(FileNotFoundError, match="pip install huggingface_hub"):
     hub.from_pretrained("someone/unet-em")
+
+
+def test_the_command_line_writes_onnx_and_its_manifest(tmp_path):
+  pytest.importorskip("jax2onnx", reason="ONNX export needs jax2onnx (see the README)")
+  net = _model(unet.milesial, in_channels=3, num_classes=4)
+  result = subprocess.run(
+      [sys.executable, "-m", "unet_jax.export", "--checkpoint", str(_saved(net, tmp_path)),
+       "--output", str(tmp_path / "out"), "--format", "onnx", "--sizes", "16x24"],
+      capture_output=True, text=True, cwd=ROOT, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  info = json.loads((tmp_path / "out" / "export.json").read_text())
+  assert info["format"] == "onnx" and info["onnx_opset"] == export.OPSET
+  assert info["files"] == {"batch, 16, 24, 3": "model-16x24.onnx"}
+  assert info["output"]["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
+  session = _ort_session(tmp_path / "out" / "model-16x24.onnx")
+  x = _images(2, 16, 24, 3)
+  np.testing.assert_allclose(session.run(["logits"], {"image": np.asarray(x)})[0], net(x),
+                             rtol=0, atol=1e-4)
