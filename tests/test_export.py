@@ -38,6 +38,15 @@ def _images(batch, h, w, channels=1, seed=0):
                      jnp.float32)
 
 
+def _export_cli(net, tmp_path, *args):
+  """``python -m unet_jax.export`` of ``net`` (saved as a pretrained folder) into tmp/out."""
+  result = subprocess.run(
+      [sys.executable, "-m", "unet_jax.export", "--checkpoint", str(_saved(net, tmp_path)),
+       "--output", str(tmp_path / "out"), *args], capture_output=True, text=True, cwd=ROOT,
+      timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
 MILESIAL = [pytest.param("transpose", id="transpose"), pytest.param("bilinear", id="bilinear")]
 
 
@@ -56,12 +65,7 @@ def test_stablehlo_of_a_padded_model_takes_any_batch_and_multiple_of_16(tmp_path
 
 def test_stablehlo_of_an_unpadded_model_has_one_file_per_size_and_says_which(tmp_path):
   net = _model(unet.walkthrough)
-  result = subprocess.run(
-      [sys.executable, "-m", "unet_jax.export", "--checkpoint", str(_saved(net, tmp_path)),
-       "--output", str(tmp_path / "out"), "--sizes", "44x44,60x44", "--platforms", "cpu"],
-      capture_output=True, text=True, cwd=ROOT, timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert result.returncode == 0, result.stderr[-2000:]
+  _export_cli(net, tmp_path, "--sizes", "44x44,60x44", "--platforms", "cpu")
   info = json.loads((tmp_path / "out" / "export.json").read_text())
   assert info["files"] == {"b, 44, 44, 1": "model-44x44.stablehlo",
                            "b, 60, 44, 1": "model-60x44.stablehlo"}
@@ -205,12 +209,7 @@ def test_without_huggingface_hub_a_repository_id_says_what_to_install():
 def test_the_command_line_writes_onnx_and_its_manifest(tmp_path):
   pytest.importorskip("jax2onnx", reason="ONNX export needs jax2onnx (see the README)")
   net = _model(unet.milesial, in_channels=3, num_classes=4)
-  result = subprocess.run(
-      [sys.executable, "-m", "unet_jax.export", "--checkpoint", str(_saved(net, tmp_path)),
-       "--output", str(tmp_path / "out"), "--format", "onnx", "--sizes", "16x24"],
-      capture_output=True, text=True, cwd=ROOT, timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert result.returncode == 0, result.stderr[-2000:]
+  _export_cli(net, tmp_path, "--format", "onnx", "--sizes", "16x24")
   info = json.loads((tmp_path / "out" / "export.json").read_text())
   assert info["format"] == "onnx" and info["onnx_opset"] == export.OPSET
   assert info["files"] == {"batch, 16, 24, 3": "model-16x24.onnx"}

@@ -69,14 +69,21 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon
   no gradient; ``y`` is differentiated through them.
   """
   x32 = x.astype(jnp.float32)
+  mean, var = batch_statistics(x32, axis_name)
+  y = (x32 - mean) * lax.rsqrt(var + epsilon) * scale + bias
+  return y, lax.stop_gradient(mean), lax.stop_gradient(var)
+
+
+def batch_statistics(x32: jax.Array, axis_name: str | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Mean and biased variance of ``[N, H, W, C]`` over ``N, H, W`` (and ``axis_name``)."""
   mean = x32.mean(axis=(0, 1, 2))
   if axis_name is not None:
     mean = lax.pmean(mean, axis_name)
   var = jnp.square(x32 - mean).mean(axis=(0, 1, 2))
   if axis_name is not None:
     var = lax.pmean(var, axis_name)
-  y = (x32 - mean) * lax.rsqrt(var + epsilon) * scale + bias
-  return y, lax.stop_gradient(mean), lax.stop_gradient(var)
+  return mean, var
 
 
 STOCK = Ops("stock", conv_general_dilated=lax.conv_general_dilated, max_pool_2x2=max_pool_2x2,

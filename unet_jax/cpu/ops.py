@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from unet_jax.cpu import native
-from unet_jax.ops import Ops
+from unet_jax.ops import Ops, batch_statistics
 
 # The dot-based input gradient pays for a ``rows × kh·kw·C_in`` intermediate; XLA's pays for
 # a transposed, flipped copy of the kernel. Measured on CPU, the product wins while the rows
@@ -271,16 +271,6 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon
   return _batch_norm(x, scale, bias, epsilon, axis_name)
 
 
-def _batch_norm_stats(x32, axis_name):
-  mean = x32.mean(axis=(0, 1, 2))
-  if axis_name is not None:
-    mean = lax.pmean(mean, axis_name)
-  var = jnp.square(x32 - mean).mean(axis=(0, 1, 2))
-  if axis_name is not None:
-    var = lax.pmean(var, axis_name)
-  return mean, var
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _batch_norm(x, scale, bias, epsilon, axis_name):
   return _batch_norm_fwd(x, scale, bias, epsilon, axis_name)[0]
@@ -288,7 +278,7 @@ def _batch_norm(x, scale, bias, epsilon, axis_name):
 
 def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
   x32 = x.astype(jnp.float32)
-  mean, var = _batch_norm_stats(x32, axis_name)
+  mean, var = batch_statistics(x32, axis_name)
   inv = lax.rsqrt(var + epsilon)
   xhat = (x32 - mean) * inv
   y = xhat * scale + bias
