@@ -218,3 +218,21 @@ def test_the_command_line_writes_onnx_and_its_manifest(tmp_path):
   x = _images(2, 16, 24, 3)
   np.testing.assert_allclose(session.run(["logits"], {"image": np.asarray(x)})[0], net(x),
                              rtol=0, atol=1e-4)
+
+
+def test_best_step_follows_the_runs_metric_among_checkpoints_on_disk(tmp_path):
+  from unet_jax.training.checkpoint import best_step
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"train": {"checkpoint": {"best_metric": "iou_cell", "best_mode": "max"}}}))
+  for step in (10, 20, 30):
+    (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
+  rows = [{"step": 5, "split": "eval", "iou_cell": 0.99},  # its checkpoint is gone
+          {"step": 10, "split": "eval", "iou_cell": 0.5},
+          {"step": 20, "split": "train", "iou_cell": 0.95},  # a training row: not a score
+          {"step": 20, "split": "eval", "iou_cell": 0.8},
+          {"step": 30, "split": "eval", "iou_cell": 0.7}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert best_step(tmp_path) == 20
+  (tmp_path / "config.json").write_text(json.dumps({"train": {"checkpoint": {}}}))
+  with pytest.raises(ValueError, match="no best checkpoint to choose"):
+    best_step(tmp_path)

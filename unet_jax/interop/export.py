@@ -231,8 +231,11 @@ def main(argv: list[str] | None = None) -> int:
       "(jax.export) or ONNX, with export.json describing its input and output.")
   parser.add_argument("--checkpoint", required=True, help="a training workdir, a converted "
                       "model directory, a pretrained folder, or a PyTorch checkpoint file")
-  parser.add_argument("--step", type=int, help="with a training workdir: this step (default: "
+  choose = parser.add_mutually_exclusive_group()
+  choose.add_argument("--step", type=int, help="with a training workdir: this step (default: "
                       "the latest)")
+  choose.add_argument("--best", action="store_true", help="with a training workdir: the best "
+                      "checkpoint kept, by the run's checkpoint.best_metric")
   parser.add_argument("--output", required=True, help="directory for the files")
   parser.add_argument("--format", choices=FORMATS, default="stablehlo")
   parser.add_argument("--platforms", default=",".join(PLATFORMS),
@@ -242,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                       "otherwise, and always fixed for ONNX")
   parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset")
   args = parser.parse_args(argv)
-  from unet_jax.training.checkpoint import load_model
+  from unet_jax.training.checkpoint import best_step, load_model
   try:
-    model, config = load_model(args.checkpoint, step=args.step)
+    step = best_step(args.checkpoint) if args.best else args.step
+    model, config = load_model(args.checkpoint, step=step)
   except Exception as error:  # loading raises many types for missing or foreign files
     parser.exit(2, f"error: cannot load the checkpoint {args.checkpoint}: "
                    f"{type(error).__name__}: {error}\n")

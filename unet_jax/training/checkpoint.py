@@ -106,6 +106,31 @@ class Checkpointer:
     self.manager.close()
 
 
+def best_step(workdir: str | os.PathLike) -> int:
+  """The step of the best checkpoint still on disk in a training ``workdir``, by the run's
+  ``checkpoint.best_metric`` and ``best_mode`` and the evaluations in ``metrics.jsonl``."""
+  import json
+  workdir = pathlib.Path(workdir)
+  try:
+    settings = json.loads((workdir / "config.json").read_text())["train"]["checkpoint"]
+    metric, mode = settings["best_metric"], settings.get("best_mode", "max")
+  except (OSError, KeyError, ValueError) as error:
+    raise ValueError(f"{workdir} is not a training workdir with a best_metric in its "
+                     f"config.json, so there is no best checkpoint to choose") from error
+  on_disk = {int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()}
+  scores = {}
+  if (workdir / "metrics.jsonl").is_file():
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+      row = json.loads(line)
+      if row.get("split") == "eval" and row.get("step") in on_disk and metric in row:
+        scores[row["step"]] = row[metric]
+  if not scores:
+    raise ValueError(f"no checkpoint in {workdir / 'checkpoints'} (steps {sorted(on_disk)}) "
+                     f"has an evaluation of {metric} in metrics.jsonl; pass a step instead")
+  pick = max if mode == "max" else min
+  return pick(scores, key=lambda step: (scores[step], step))
+
+
 def load_model(path: str | os.PathLike, *, step: int | None = None):
   """A ready ``UNet`` (in eval mode) and its config from any of:
 
