@@ -367,9 +367,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
-  args.settings = cpu.configure_process(args.cpu_layer)  # before JAX starts a backend
-  args.ops, args.ops_why = cpu.select_ops(args.cpu_layer)
-  cpu.report(args.ops, args.ops_why, args.settings)
+  args.ops, args.ops_why, args.settings = cpu.setup(args.cpu_layer)  # before JAX starts
   torch.manual_seed(args.seed)
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)

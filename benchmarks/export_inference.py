@@ -53,9 +53,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--cpu-layer", choices=cpu.MODES, default="auto")
   parser.add_argument("--output", help="write the results as JSON here")
   args = parser.parse_args(argv)
-  settings = cpu.configure_process(args.cpu_layer)
-  ops, why = cpu.select_ops(args.cpu_layer)
-  cpu.report(ops, why, settings)
+  ops, _, _ = cpu.setup(args.cpu_layer)
   import onnxruntime as ort
 
   features = tuple(args.width * 2**k for k in range(args.depth + 1))

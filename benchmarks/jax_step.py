@@ -37,9 +37,7 @@ def main() -> None:
   parser.add_argument("--cpu-layer", choices=cpu.MODES, default="auto",
                       help="the CPU layer, as train.py takes it")
   args = parser.parse_args()
-  settings = cpu.configure_process(args.cpu_layer)  # before JAX starts a backend
-  ops, why = cpu.select_ops(args.cpu_layer)
-  cpu.report(ops, why, settings)
+  ops, _, _ = cpu.setup(args.cpu_layer)  # before JAX starts a backend
 
   features = tuple(args.width * 2**k for k in range(5))
   model = PRESETS[args.preset](1, 2, features=features, dropout=0.0, norm_axis_name="data",

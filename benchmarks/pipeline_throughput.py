@@ -65,9 +65,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config, seconds = flags.FLAGS.config, flags.FLAGS.seconds
-  settings = cpu.configure_process("auto")  # as train.py: before JAX starts a backend
-  ops, why = cpu.select_ops("auto")
-  cpu.report(ops, why, settings)
+  ops, _, _ = cpu.setup("auto")  # as train.py: before JAX starts a backend
   mesh = parallel.make_mesh()
   local_batch = parallel.local_batch_size(config.batch_size, mesh)
   kwargs = training.model_kwargs(config.model)

@@ -34,7 +34,7 @@ from unet_jax.ops import STOCK, Ops
 MODES = ("auto", "on", "off")
 
 __all__ = ["MODES", "OPS", "configure_process", "cpu_only_host", "enable", "report",
-           "select_ops"]
+           "select_ops", "setup"]
 
 
 def enable(model: nnx.Module) -> nnx.Module:
@@ -90,6 +90,16 @@ def select_ops(mode: str = "auto") -> tuple[Ops, str]:
     return STOCK, f"not used: the backend is {backend}"
   native.available()
   return OPS, f"native kernels: {native.status()}"
+
+
+def setup(mode: str = "auto") -> tuple[Ops, str, list[str]]:
+  """``configure_process``, ``select_ops`` and ``report`` in turn, for an entry point that has
+  nothing to do between them (``train.py`` starts ``jax.distributed`` there). Call it before
+  JAX starts a backend; returns the operations, why, and the process settings."""
+  settings = configure_process(mode)
+  ops, why = select_ops(mode)
+  report(ops, why, settings)
+  return ops, why, settings
 
 
 def report(ops: Ops, why: str, settings: list[str], *, stream=None) -> str:
