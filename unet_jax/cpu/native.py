@@ -17,10 +17,17 @@ later processes load it from there. Without a compiler, an AVX-512 x86-64 CPU un
 or a writable cache directory, the package uses XLA's convolutions and says why in
 ``status()``. ``UNET_JAX_NATIVE=0`` turns the kernels off.
 
-A library is loaded only from a safe place: the cache directory is created with mode 0700,
+Nothing in the cache is trusted by its name. The cache directory is created with mode 0700,
 and a directory or library that belongs to another user, is writable by the group or by
 others, or (the library) is a symbolic link is refused with a warning, and XLA's convolutions
-are used instead. A cached library that does not load is compiled again once.
+are used instead. A library is compiled into a private temporary file beside its final name;
+its SHA-256 digest is written to ``<library>.sha256`` and the file is then renamed into place.
+Before loading, the library is opened once, its bytes are hashed through that open file, and
+only when they match the recorded digest is that same file (``/proc/self/fd/N``, so it cannot
+be swapped in between) handed to the dynamic loader. A library with no recorded digest or a
+different one (damaged, or put there by something else) never runs: it is compiled again,
+with a warning, and if that fails XLA's convolutions are used. A cached library that does not
+load is compiled again once.
 
 Both kernels give the same result, bit for bit, on every call: the kernel gradient sums
 fixed blocks of rows in a fixed order, whichever thread computed each.
@@ -125,7 +132,7 @@ def _load() -> pathlib.Path:
   key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), version.encode(),
                                    flags.encode()])).hexdigest()[:16]
   library = cache_dir() / f"conv-{key}.so"
-  lib = _open(library, build=lambda: _compile(compiler, library))
+  lib = _open(library, build=lambda output: _compile(compiler, output))
   jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.UnetJaxConvForward),
                               platform="cpu")
   jax.ffi.register_ffi_target(KERNEL_GRAD, jax.ffi.pycapsule(lib.UnetJaxConvKernelGrad),
@@ -134,25 +141,120 @@ def _load() -> pathlib.Path:
 
 
 def _open(library: pathlib.Path, *, build) -> ctypes.CDLL:
-  """Load ``library`` from its private directory, calling ``build()`` to make it if it is
-  missing or does not load; raises ``_Unavailable`` for anything unsafe."""
+  """Load the kernels' ``library`` from its private directory, calling ``build(path)`` to write
+  a fresh library to ``path`` when the cached one is missing, does not match its recorded
+  digest or does not load; raises ``_Unavailable`` for anything unsafe."""
   _make_private_directory(library.parent)
   _check_private(library.parent, kind="directory")
-  if not os.path.lexists(library):
-    build()
-  _check_private(library, kind="library")
+  if os.path.lexists(library):
+    try:
+      return _with_kernels(_load_verified(library))
+    except _Unverified as problem:
+      warnings.warn(f"{problem}; compiling it again", RuntimeWarning, stacklevel=3)
+    except (OSError, AttributeError):
+      pass  # a damaged cache entry that its digest did not catch: build it once more
+  _install(library, build)
   try:
-    lib = ctypes.CDLL(str(library))
-    lib.UnetJaxConvForward, lib.UnetJaxConvKernelGrad  # noqa: B018
-    return lib
-  except (OSError, AttributeError):  # a damaged cache entry: build it once more
-    library.unlink()
-  build()
-  _check_private(library, kind="library")
-  try:
-    return ctypes.CDLL(str(library))
-  except OSError as error:
+    return _with_kernels(_load_verified(library))
+  except _Unverified as problem:  # another process replaced it meanwhile
+    raise _Unavailable(str(problem)) from problem
+  except (OSError, AttributeError) as error:
     raise _Unavailable(f"{library} does not load: {error}") from error
+
+
+def _with_kernels(lib: ctypes.CDLL) -> ctypes.CDLL:
+  lib.UnetJaxConvForward, lib.UnetJaxConvKernelGrad  # noqa: B018 (AttributeError if absent)
+  return lib
+
+
+class _Unverified(Exception):
+  """A library that is not the one this package built: no digest, or another one."""
+
+
+def _digest_path(library: pathlib.Path) -> pathlib.Path:
+  return library.with_name(library.name + ".sha256")
+
+
+def _sha256(fd: int) -> str:
+  digest, offset = hashlib.sha256(), 0
+  while chunk := os.pread(fd, 1 << 20, offset):
+    digest.update(chunk)
+    offset += len(chunk)
+  return digest.hexdigest()
+
+
+def _recorded_digest(library: pathlib.Path) -> str | None:
+  """The digest recorded when ``library`` was built, or None when there is no readable,
+  private record of one."""
+  try:
+    fd = os.open(_digest_path(library), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+  except OSError:
+    return None
+  try:
+    info = os.fstat(fd)
+    if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid()
+        or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+      return None
+    text = os.read(fd, 128).decode("ascii", "replace").strip()
+  finally:
+    os.close(fd)
+  return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else None
+
+
+def _load_verified(library: pathlib.Path) -> ctypes.CDLL:
+  """``dlopen`` ``library`` only if it is private and its bytes match the digest recorded when
+  it was built; raises ``_Unavailable`` (unsafe place), ``_Unverified`` (digest) or
+  ``OSError`` (does not load)."""
+  _check_private(library, kind="library")
+  fd = os.open(library, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+  try:
+    _check_private(library, kind="library", info=os.fstat(fd))
+    actual, recorded = _sha256(fd), _recorded_digest(library)
+    if recorded is None:
+      raise _Unverified(f"the native library {library} has no recorded digest "
+                        f"({_digest_path(library).name}): it was not built here")
+    if actual != recorded:
+      raise _Unverified(f"the native library {library} has SHA-256 {actual[:16]}…, not the "
+                        f"{recorded[:16]}… recorded when it was built: it is damaged or was "
+                        f"replaced")
+    # The loader opens the file already hashed, even if the name has been taken meanwhile.
+    lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+  except BaseException:
+    os.close(fd)
+    raise
+  # The descriptor stays open, so that its /proc name never names another library in this
+  # process (the loader would take that name for the library already loaded).
+  lib._unet_jax_fd = fd
+  return lib
+
+
+def _install(library: pathlib.Path, build) -> None:
+  """Build into a fresh private file beside ``library``, record its digest, then rename it
+  into place (atomic: a concurrent process sees all of it or nothing)."""
+  partial = digest_partial = None
+  try:
+    fd, partial = tempfile.mkstemp(prefix=f".{library.name}.", dir=library.parent)
+    os.close(fd)
+    build(pathlib.Path(partial))
+    os.chmod(partial, 0o700)  # a linker applies the umask, which may let others write
+    fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+      digest = _sha256(fd)
+    finally:
+      os.close(fd)
+    fd, digest_partial = tempfile.mkstemp(prefix=f".{library.name}.sha256.",
+                                          dir=library.parent)
+    with os.fdopen(fd, "w") as f:
+      f.write(digest + "\n")
+    os.replace(digest_partial, _digest_path(library))
+    os.replace(partial, library)
+  except OSError as error:
+    raise _Unavailable(f"cannot write the native library to {library.parent}: {error}; set "
+                       f"UNET_JAX_CACHE_DIR to a writable directory of your own") from error
+  finally:
+    for leftover in (partial, digest_partial):
+      if leftover and os.path.lexists(leftover):
+        os.unlink(leftover)
 
 
 def _make_private_directory(directory: pathlib.Path) -> None:
@@ -169,10 +271,11 @@ def _make_private_directory(directory: pathlib.Path) -> None:
                        f"UNET_JAX_CACHE_DIR to a directory of your own") from error
 
 
-def _check_private(path: pathlib.Path, *, kind: str) -> None:
-  """Refuse ``path`` unless it belongs to this user and only this user can write it."""
+def _check_private(path: pathlib.Path, *, kind: str, info: os.stat_result | None = None) -> None:
+  """Refuse ``path`` (or the open file whose ``info`` is given) unless it belongs to this user
+  and only this user can write it."""
   try:
-    info = os.lstat(path) if kind == "library" else os.stat(path)
+    info = info or (os.lstat(path) if kind == "library" else os.stat(path))
   except OSError as error:
     raise _Unavailable(f"the {kind} {path} cannot be read: {error}") from error
   problem = None
@@ -195,26 +298,15 @@ def _check_private(path: pathlib.Path, *, kind: str) -> None:
     raise _Unavailable(message)
 
 
-def _compile(compiler: str, library: pathlib.Path) -> None:
-  try:
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
-    os.close(fd)
-  except OSError as error:
-    raise _Unavailable(f"the cache directory {library.parent} is not writable: {error}; set "
-                       f"UNET_JAX_CACHE_DIR") from error
+def _compile(compiler: str, output: pathlib.Path) -> None:
   command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-             "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", partial]
+             "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(output)]
   try:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    if result.returncode != 0:
-      raise _Unavailable(f"compiling {SOURCE.name} failed: {result.stderr.strip()[-500:]}")
-    os.chmod(partial, 0o700)  # the linker applies the umask, which may let others write
-    os.replace(partial, library)  # atomic: a concurrent process sees all of it or nothing
   except (OSError, subprocess.SubprocessError) as error:
     raise _Unavailable(f"compiling {SOURCE.name} failed: {error}") from error
-  finally:
-    if os.path.exists(partial):
-      os.unlink(partial)
+  if result.returncode != 0:
+    raise _Unavailable(f"compiling {SOURCE.name} failed: {result.stderr.strip()[-500:]}")
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
