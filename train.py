@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from unet_jax import cpu, training
 from unet_jax.cpu.native import cache_dir
-from unet_jax.training import distributed
+from unet_jax.training import config_checks, distributed
 
 _HERE = pathlib.Path(__file__).parent
 config_flags.DEFINE_config_file("config", str(_HERE / "configs" / "default.py"),
@@ -37,6 +37,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # orbax reports every file it writes at INFO
+  try:  # before the CPU layer builds or JAX starts: a bad value costs nothing
+    config_checks.check_config(flags.FLAGS.config)
+  except ValueError as error:
+    sys.exit(f"error: {error}")
   settings = cpu.configure_process(flags.FLAGS.cpu_layer)  # before JAX starts a backend
   if flags.FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", flags.FLAGS.compilation_cache)

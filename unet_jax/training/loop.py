@@ -29,6 +29,7 @@ from unet_jax.data import pipeline
 from unet_jax.ops import STOCK, Ops
 from unet_jax.training import parallel
 from unet_jax.training.checkpoint import Checkpointer
+from unet_jax.training.config_checks import check_config
 from unet_jax.training.report import Reporter
 from unet_jax.training.signals import GracefulStop
 from unet_jax.training.steps import (AXIS, create_model, create_optimizer, create_train_state,
@@ -111,6 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   layer's ``unet_jax.cpu.OPS``, which ``train.py`` chooses on a CPU). Returns the final
   validation metrics.
   """
+  check_config(config, num_devices=jax.device_count())
   workdir = pathlib.Path(workdir).absolute()
   _writable(workdir)
   mesh = parallel.make_mesh()

@@ -1,0 +1,163 @@
+"""The values of a training config, checked before anything is built or computed.
+
+A bad number otherwise fails late or not at all: ``eval_every=0`` is a ``ZeroDivisionError``
+at the first step, ``num_steps=-1`` trains nothing and exits cleanly, a negative learning rate
+climbs the loss. :func:`check_config` finds every such value at once and raises one
+``ValueError`` listing them, each line naming the field as it is set on the command line
+(``--config.eval_every``), the value seen and what would be valid. Fields a config does not
+have are not checked (each source has its own section of ``config.data``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+# A rule: whether a value is valid, and what a valid value is (for the message).
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(low: int) -> Rule:
+  return (lambda v: _is_int(v) and v >= low), f"an integer ≥ {low}"
+
+
+def number(low: float, high: float | None = None, *, open_low: bool = False,
+           open_high: bool = False) -> Rule:
+  """A finite number in ``[low, high]`` (``(`` / ``)`` where ``open_low`` / ``open_high``)."""
+  def ok(v) -> bool:
+    return (_is_finite(v) and (v > low if open_low else v >= low)
+            and (high is None or (v < high if open_high else v <= high)))
+  if high is None:
+    return ok, f"a finite number {'>' if open_low else '≥'} {low:g}"
+  return ok, (f"a number in {'(' if open_low else '['}{low:g}, {high:g}"
+              f"{')' if open_high else ']'}")
+
+
+def optional(rule: Rule, meaning: str) -> Rule:
+  ok, valid = rule
+  return (lambda v: v is None or ok(v)), f"{valid}, or None ({meaning})"
+
+
+def size() -> Rule:
+  ok = lambda v: (isinstance(v, (tuple, list)) and len(v) == 2
+                  and all(_is_int(n) and n >= 1 for n in v))
+  return ok, "(height, width): two integers ≥ 1"
+
+
+def widths() -> Rule:
+  ok = lambda v: (isinstance(v, (tuple, list)) and len(v) >= 2
+                  and all(_is_int(n) and n >= 1 for n in v))
+  return ok, "at least two integers ≥ 1, one per level (top level first)"
+
+
+def one_of(*choices: str) -> Rule:
+  return (lambda v: v in choices), " or ".join(repr(c) for c in choices)
+
+
+RULES: dict[str, Rule] = {
+    "num_steps": integer(1),
+    "batch_size": integer(1),
+    "log_every": integer(1),
+    "eval_every": integer(1),
+    "checkpoint.every": integer(1),
+    "checkpoint.max_to_keep": integer(1),
+    "checkpoint.keep_best": integer(0),
+    "checkpoint.best_mode": one_of("max", "min"),
+    "checkpoint.restore_step": optional(integer(0), "resume from the latest checkpoint"),
+    "optimizer.learning_rate": number(0, open_low=True),
+    "optimizer.warmup_steps": integer(0),
+    "optimizer.momentum": number(0, 1, open_high=True),
+    "optimizer.weight_decay": number(0),
+    "optimizer.grad_clip_norm": optional(number(0), "no clipping; 0 also turns it off"),
+    "loss.ce_weight": number(0),
+    "loss.dice_weight": number(0),
+    "model.in_channels": integer(1),
+    "model.num_classes": integer(1),
+    "model.features": widths(),
+    "model.dropout": number(0, 1, open_high=True),
+    "data.seed": integer(0),
+    "data.channels": integer(1),
+    "data.num_train": integer(1),
+    "data.num_val": integer(1),
+    "data.image_size": size(),
+    "data.tile_size": size(),
+    "data.num_threads": integer(0),
+    "data.num_workers": integer(0),
+    "data.prefetch": integer(0),
+    "data.augment.shift": integer(0),
+    "data.augment.elastic_sigma": number(0),
+    "data.augment.elastic_grid": integer(2),
+    "data.augment.brightness": number(0, 1),
+    "data.augment.contrast": number(0, 1),
+    "data.weight_map.w0": number(0),
+    "data.weight_map.sigma": number(0, open_low=True),
+    "data.folder.split_seed": integer(0),
+}
+
+
+def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+  """Raise one ``ValueError`` listing every invalid value of ``config`` (a training config,
+  as in ``configs/``); ``num_devices``, when given, must divide ``batch_size``."""
+  problems = []
+  for field, (ok, valid) in RULES.items():
+    found, value = _lookup(config, field)
+    if found and not ok(value):
+      problems.append(f"--config.{field} is {value!r}; it must be {valid}")
+  problems += _agreement(config, num_devices)
+  if problems:
+    raise ValueError(f"{len(problems)} invalid config value(s):\n  " + "\n  ".join(problems))
+
+
+def _agreement(config: ml_collections.ConfigDict, num_devices: int | None) -> list[str]:
+  """Problems between fields that are each valid alone."""
+  problems = []
+  batch, classes = config.get("batch_size"), config.get("model", {}).get("num_classes")
+  data = config.get("data", {})
+  if num_devices and _is_int(batch) and batch >= 1 and batch % num_devices:
+    problems.append(f"--config.batch_size: the global batch size {batch} does not divide "
+                    f"evenly over {num_devices} devices; use a multiple of {num_devices}")
+  names = data.get("class_names")
+  if names and _is_int(classes) and classes >= 2 and len(names) != classes:
+    problems.append(f"--config.data.class_names has {len(names)} name(s) {tuple(names)} but "
+                    f"--config.model.num_classes is {classes}; give one name per class")
+  in_channels = config.get("model", {}).get("in_channels")
+  if "channels" in data and in_channels is not None and data.channels != in_channels:
+    problems.append(f"--config.data.channels is {data.channels!r}: the data has "
+                    f"{data.channels!r} channel(s) but the model takes {in_channels!r} "
+                    f"(--config.model.in_channels); set both to the same value")
+  weight_map = data.get("weight_map", {})
+  foreground = weight_map.get("foreground")
+  if (weight_map.get("enabled") and _is_int(classes) and classes >= 1
+      and not (_is_int(foreground) and 0 <= foreground < max(classes, 2))):
+    problems.append(f"--config.data.weight_map.foreground is {foreground!r}; it must be a "
+                    f"class, an integer in 0 … {max(classes, 2) - 1}")
+  folder = data.get("folder", {})
+  held_out, _ = number(0, 1, open_low=True, open_high=True)
+  if ("val_fraction" in folder and data.get("source") == "folder"
+      and not folder.get("val_dir") and not held_out(folder.val_fraction)):
+    problems.append(f"--config.data.folder.val_fraction is {folder.get('val_fraction')!r}; "
+                    f"without data.folder.val_dir it must be a number in (0, 1), the share "
+                    f"of the pairs held out for validation")
+  return problems
+
+
+def _lookup(config: ml_collections.ConfigDict, field: str) -> tuple[bool, Any]:
+  """``(True, value)`` of a dotted ``field``, ``(False, None)`` where the config lacks it."""
+  value: Any = config
+  for key in field.split("."):
+    if not isinstance(value, (ml_collections.ConfigDict, dict)) or key not in value:
+      return False, None
+    value = value[key]
+  return True, value
