@@ -54,6 +54,8 @@ CASES = [
     ("milesial", False, 1, (48, 80)),        # non-square
     ("milesial", True, 3, (64, 64)),
     ("milesial", True, 3, (80, 48)),         # non-square
+    ("milesial", False, 3, (75, 101)),       # odd: floor-pooling and pad-to-skip
+    ("milesial", True, 1, (75, 101)),
 ]
 
 
@@ -75,6 +77,20 @@ def test_eval_logits_match_through_pth_file(tmp_path, layout, bilinear, channels
   got, expected = _logits_both(torch_model, flax_model, x)
   assert got.shape == expected.shape
   assert np.abs(expected).max() > 0.1  # a meaningful comparison, not all zeros
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("bilinear", [False, True])
+def test_milesial_at_carvana_size(tmp_path, bilinear):
+  """milesial's Carvana checkpoints run at scale 0.5 on 1918×1280 photos: 959×640 inputs,
+  which pool to odd sizes and pad up-sampled maps back to their skips."""
+  torch_model = _torch_model("milesial", bilinear=bilinear, in_channels=3, classes=2,
+                             calibration_hw=(75, 101))
+  flax_model, config = _through_file(torch_model, tmp_path)
+  assert config["skip_fit"] == "pad"
+  x = np.random.default_rng(4).normal(size=(1, 3, 640, 959)).astype(np.float32)
+  got, expected = _logits_both(torch_model, flax_model, x)
+  assert got.shape == expected.shape == (1, 2, 640, 959)
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 

@@ -3,14 +3,22 @@
 A U-Net of depth ``D`` applies, per spatial dimension and independently for height and width:
 
 * encoder level ``k`` (``k = 0 .. D-1``): two 3×3 convolutions (each takes 2 px when unpadded),
-  then a 2×2 max-pool, which must see an even size so that no row or column is dropped;
+  then a 2×2 max-pool (which, cropping skips, must see an even size so that no pixel is dropped);
 * the bottleneck: two 3×3 convolutions;
-* decoder level ``k`` (``k = D-1 .. 0``): 2× up-sampling, a center crop of the encoder's skip to
-  the up-sampled size, then two 3×3 convolutions.
+* decoder level ``k`` (``k = D-1 .. 0``): 2× up-sampling, then the skip and the up-sampled map
+  are brought to one size, then two 3×3 convolutions.
 
-An input size is *valid* when every pooled size is even, every size stays positive, and every
-up-sampled map fits inside its skip. The paper's network (all convolutions unpadded) maps
-572 → 388; the walkthrough's (unpadded encoder, padded decoder) maps 572 → 448.
+How the decoder brings them to one size is ``skip_fit``:
+
+* ``"crop"`` (the paper): the skip is center-cropped to the up-sampled size. An input size is
+  *valid* when every pooled size is even (no row or column is dropped), every size stays
+  positive, and every up-sampled map fits inside its skip. The paper's network (all
+  convolutions unpadded) maps 572 → 388; the walkthrough's (unpadded encoder, padded decoder)
+  maps 572 → 448.
+* ``"pad"`` (milesial/Pytorch-UNet): pooling floors odd sizes, and the up-sampled map is
+  zero-padded to the skip's size (``dy // 2`` rows before, the rest after; columns alike), so
+  any size whose pooled sizes stay ≥ 1 is valid: with padded convolutions, any size ≥ ``2**D``,
+  and the output has the input's size.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ import operator
 from typing import Literal
 
 Padding = Literal["valid", "same"]
+SkipFit = Literal["crop", "pad"]
 _PADDINGS = ("valid", "same")
+_SKIP_FITS = ("crop", "pad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +41,14 @@ class Geometry:
     depth: number of 2×2 max-pools (the paper: 4).
     encoder_padding: ``"valid"`` (each 3×3 conv takes 2 px) or ``"same"``.
     decoder_padding: the same choice for the decoder's convolutions.
+    skip_fit: ``"crop"`` (crop the skip to the up-sampled map; the paper) or ``"pad"`` (pad
+      the up-sampled map to the skip, flooring odd sizes when pooling; milesial).
   """
 
   depth: int = 4
   encoder_padding: Padding = "valid"
   decoder_padding: Padding = "valid"
+  skip_fit: SkipFit = "crop"
 
   def __post_init__(self):
     if not isinstance(self.depth, int) or self.depth < 1:
@@ -44,6 +57,8 @@ class Geometry:
       value = getattr(self, name)
       if value not in _PADDINGS:
         raise ValueError(f"{name} must be one of {_PADDINGS}, got {value!r}")
+    if self.skip_fit not in _SKIP_FITS:
+      raise ValueError(f"skip_fit must be one of {_SKIP_FITS}, got {self.skip_fit!r}")
 
   @property
   def _encoder_shrink(self) -> int:
@@ -63,10 +78,11 @@ class Geometry:
     size = _as_size(size)
     if size is None or size < 1:
       return None
+    pad = self.skip_fit == "pad"
     skips, x = [], size
     for _ in range(self.depth):
       x -= self._encoder_shrink
-      if x < 2 or x % 2:
+      if x < 2 or (x % 2 and not pad):
         return None
       skips.append(x)
       x //= 2
@@ -78,6 +94,8 @@ class Geometry:
       x *= 2
       if x > skip:
         return None
+      if pad:
+        x = skip
       ups.append(x)
       x -= self._decoder_shrink
       if x < 1:
@@ -123,16 +141,21 @@ class Geometry:
     return ", ".join(str(n) for n in (below, above) if n is not None)
 
   def _describe(self) -> str:
+    fit = ", padding up-sampled maps to their skips" if self.skip_fit == "pad" else ""
     return (f"a depth-{self.depth} U-Net with {self.encoder_padding!r} encoder and "
-            f"{self.decoder_padding!r} decoder convolutions")
+            f"{self.decoder_padding!r} decoder convolutions{fit}")
+
+  def _rule(self) -> str:
+    if self.skip_fit == "pad":
+      return "every size must stay positive through the 2×2 max-pools"
+    return "every 2×2 max-pool must see an even size and every size must stay positive"
 
   def check(self, size: int, *, name: str = "input") -> None:
     """Raise a ``ValueError`` naming the nearest valid sizes if ``size`` is not valid."""
     if not self.is_valid(size):
       raise ValueError(
-          f"{size} is not a valid {name} size for {self._describe()} (every 2×2 max-pool must "
-          f"see an even size and every size must stay positive); nearest valid sizes: "
-          f"{self._nearest_text(size)}")
+          f"{size} is not a valid {name} size for {self._describe()} ({self._rule()}); "
+          f"nearest valid sizes: {self._nearest_text(size)}")
 
   def check_shape(self, height: int, width: int) -> tuple[int, int]:
     """Validate an ``H×W`` input and return the output ``(H, W)``.
@@ -146,8 +169,8 @@ class Geometry:
     if problems:
       raise ValueError(
           f"{height}×{width} is not a valid input for {self._describe()}: "
-          f"{'; '.join(problems)}. Every 2×2 max-pool must see an even size and every size "
-          f"must stay positive; pad or tile the image (see unet_jax.geometry).")
+          f"{'; '.join(problems)}. {self._rule()[0].upper()}{self._rule()[1:]}; pad or tile "
+          f"the image (see unet_jax.geometry).")
     return self.output_size(height), self.output_size(width)
 
 
@@ -179,3 +202,12 @@ def center_crop(x, height: int, width: int):
   top, _ = crop_offsets(x.shape[-3], height)
   left, _ = crop_offsets(x.shape[-2], width)
   return x[..., top:top + height, left:left + width, :]
+
+
+def pad_offsets(source: int, target: int) -> tuple[int, int]:
+  """Pixels to add before and after to pad ``source`` up to ``target``, split as milesial's
+  ``F.pad(x, [d // 2, d - d // 2])``: an odd difference puts the extra pixel after."""
+  if target < source:
+    raise ValueError(f"cannot pad {source} px up to {target} px: the target is smaller")
+  before = (target - source) // 2
+  return before, target - source - before

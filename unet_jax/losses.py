@@ -5,6 +5,11 @@ All losses take raw network outputs ``logits`` of shape ``[..., H, W, C]`` and i
 dimensions are arbitrary and may be empty. Each returns a scalar, is jit-able and
 differentiable with respect to ``logits``.
 
+``activation`` (``"softmax"``, the default, or ``"sigmoid"``) is the model's
+(``unet_jax.heads``): with ``"sigmoid"`` the cross-entropy is the binary cross-entropy of each
+channel (averaged over channels), Dice is computed from sigmoid probabilities, and labels are
+0/1 for a one-channel (binary) model and bit sets (``heads.pack``) for a multi-label one.
+
 Labels outside ``[0, C)`` that are not ``ignore_index`` are a caller error: their one-hot
 encoding is all zeros, so in the Dice loss they count as predicted mass with no target;
 in the cross-entropy, labels ``>= C`` give ``nan`` (out-of-bounds gather) and negative labels
@@ -16,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+
+from unet_jax import heads
 
 
 def _valid_pixels(labels: jax.Array, ignore_index: int | None) -> tuple[jax.Array, jax.Array]:
@@ -48,6 +55,7 @@ def weighted_cross_entropy(
     *,
     weights: jax.Array | None = None,
     ignore_index: int | None = None,
+    activation: str = "softmax",
 ) -> jax.Array:
   r"""Pixel-wise softmax cross-entropy, weighted by a per-pixel map (U-Net eq. 1).
 
@@ -68,6 +76,7 @@ def weighted_cross_entropy(
     weights: optional ``[..., H, W]`` non-negative per-pixel weights, e.g. from
       :func:`unet_jax.weight_map.weight_map`.
     ignore_index: label value whose pixels contribute nothing; may lie outside ``[0, C)``.
+    activation: ``"softmax"`` or ``"sigmoid"`` (binary cross-entropy per channel).
 
   Returns:
     Scalar loss.
@@ -78,7 +87,11 @@ def weighted_cross_entropy(
   """
   _check_shapes(logits, labels)
   labels, mask = _valid_pixels(labels, ignore_index)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [..., H, W]
+  if activation == "softmax":
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [..., H, W]
+  else:
+    t = heads.targets(labels, logits.shape[-1], activation, logits.dtype)
+    ce = optax.sigmoid_binary_cross_entropy(logits, t).mean(axis=-1)
   w = mask if weights is None else mask * jnp.broadcast_to(weights, mask.shape)
   return _safe_divide(jnp.sum(w * ce), jnp.sum(w))
 
@@ -89,6 +102,7 @@ def dice_loss(
     *,
     smooth: float = 1.0,
     ignore_index: int | None = None,
+    activation: str = "softmax",
 ) -> jax.Array:
   r"""Soft Dice loss from softmax probabilities, averaged over classes and examples.
 
@@ -113,6 +127,8 @@ def dice_loss(
     labels: ``[..., H, W]`` integer class ids in ``[0, C)``.
     smooth: the smoothing term :math:`s > 0`.
     ignore_index: label value whose pixels are left out of every sum.
+    activation: ``"softmax"``, or ``"sigmoid"``: :math:`p_c` is then the sigmoid of channel
+      :math:`c` and :math:`t_c` its 0/1 target (a binary model's one channel is the foreground).
 
   Returns:
     Scalar loss in ``[0, 1]``.
@@ -124,8 +140,8 @@ def dice_loss(
   _check_shapes(logits, labels)
   num_classes = logits.shape[-1]
   labels, mask = _valid_pixels(labels, ignore_index)
-  p = jax.nn.softmax(logits, axis=-1) * mask[..., None]  # [..., H, W, C]
-  t = jax.nn.one_hot(labels, num_classes, dtype=p.dtype) * mask[..., None]
+  p = heads.probabilities(logits, activation) * mask[..., None]  # [..., H, W, C]
+  t = heads.targets(labels, num_classes, activation, p.dtype) * mask[..., None]
   spatial = (-3, -2)
   intersection = jnp.sum(p * t, axis=spatial)  # [..., C]
   dice = (2.0 * intersection + smooth) / (
@@ -143,6 +159,7 @@ def dice_ce_loss(
     ce_weight: float = 1.0,
     dice_weight: float = 1.0,
     smooth: float = 1.0,
+    activation: str = "softmax",
 ) -> jax.Array:
   r"""Weighted cross-entropy plus soft Dice.
 
@@ -161,10 +178,13 @@ def dice_ce_loss(
     ce_weight: :math:`\lambda_{ce}`.
     dice_weight: :math:`\lambda_{dice}`.
     smooth: Dice smoothing term.
+    activation: ``"softmax"`` or ``"sigmoid"`` (see the module docstring).
 
   Returns:
     Scalar loss.
   """
-  ce = weighted_cross_entropy(logits, labels, weights=weights, ignore_index=ignore_index)
-  dice = dice_loss(logits, labels, smooth=smooth, ignore_index=ignore_index)
+  ce = weighted_cross_entropy(logits, labels, weights=weights, ignore_index=ignore_index,
+                              activation=activation)
+  dice = dice_loss(logits, labels, smooth=smooth, ignore_index=ignore_index,
+                   activation=activation)
   return ce_weight * ce + dice_weight * dice

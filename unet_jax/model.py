@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unet_jax import heads
 from unet_jax import ops as ops_lib
-from unet_jax.geometry import Geometry, Padding, center_crop
+from unet_jax.geometry import Geometry, Padding, SkipFit, center_crop, pad_offsets
 
 Upsample = Literal["transpose", "bilinear"]
 ConcatOrder = Literal["skip_up", "up_skip"]
@@ -108,13 +109,20 @@ class DoubleConv(nnx.Module):
 
 
 class Down(nnx.Module):
-  """One level of the contracting path: 2×2 max-pool, then ``DoubleConv``."""
+  """One level of the contracting path: 2×2 max-pool, then ``DoubleConv``.
+
+  An odd last row or column is dropped before pooling (``floor``, as PyTorch's ``max_pool2d``);
+  models that crop their skips only ever see even sizes here (``unet_jax.geometry``).
+  """
 
   def __init__(self, in_channels: int, out_channels: int, *, remat: bool = False, **kwargs):
     self.conv = DoubleConv(in_channels, out_channels, **kwargs)
     self.remat, self.ops = remat, kwargs.get("ops", ops_lib.STOCK)
 
   def forward(self, x: jax.Array) -> jax.Array:
+    height, width = x.shape[1], x.shape[2]
+    if isinstance(height, int) and isinstance(width, int) and (height % 2 or width % 2):
+      x = x[:, :height - height % 2, :width - width % 2]
     return self.conv(self.ops.max_pool_2x2(x))
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -136,9 +144,12 @@ def upsample_bilinear(x: jax.Array, scale: int = 2) -> jax.Array:
     if n_in == 1:
       weights[:, 0] = 1.0
       return weights
-    position = np.arange(n_out) * (n_in - 1) / (n_out - 1)
+    # In float32, as PyTorch computes the scale and the source coordinates: on a 959-pixel
+    # axis, float64 coordinates would shift the weights by up to 3e-5.
+    step = np.float32(n_in - 1) / np.float32(n_out - 1)
+    position = (step * np.arange(n_out, dtype=np.float32)).astype(np.float32)
     low = np.clip(np.floor(position).astype(int), 0, n_in - 2)
-    frac = (position - low).astype(np.float32)
+    frac = (position - low.astype(np.float32)).astype(np.float32)
     weights[np.arange(n_out), low] += 1 - frac
     weights[np.arange(n_out), low + 1] += frac
     return weights
@@ -195,7 +206,7 @@ class Up(nnx.Module):
 
   def __init__(self, in_channels: int, skip_channels: int, out_channels: int, *,
                upsample: Upsample = "transpose", concat_order: ConcatOrder = "skip_up",
-               remat: bool = False, rngs: nnx.Rngs, **kwargs):
+               skip_fit: SkipFit = "crop", remat: bool = False, rngs: nnx.Rngs, **kwargs):
     if upsample == "transpose":
       self.up = UpConv(in_channels, skip_channels, (2, 2), strides=(2, 2), padding="VALID",
                        kernel_init=he_normal, dtype=kwargs.get("dtype"),
@@ -205,11 +216,14 @@ class Up(nnx.Module):
       self.up = None
       concat = in_channels + skip_channels
       self.conv = DoubleConv(concat, out_channels, mid_channels=concat // 2, rngs=rngs, **kwargs)
-    self.concat_order, self.remat = concat_order, remat
+    self.concat_order, self.skip_fit, self.remat = concat_order, skip_fit, remat
 
   def forward(self, x: jax.Array, skip: jax.Array) -> jax.Array:
     x = self.up(x) if self.up is not None else upsample_bilinear(x)
-    x = crop_and_concat(x, skip, order=self.concat_order)
+    if self.skip_fit == "pad":
+      x = pad_and_concat(x, skip, order=self.concat_order)
+    else:
+      x = crop_and_concat(x, skip, order=self.concat_order)
     return self.conv(x)
 
   def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
@@ -228,6 +242,20 @@ def crop_and_concat(up: jax.Array, skip: jax.Array, *, order: ConcatOrder = "ski
   return jnp.concatenate(parts, axis=-1)
 
 
+def pad_and_concat(up: jax.Array, skip: jax.Array, *, order: ConcatOrder = "skip_up"):
+  """Zero-pad ``up`` to ``skip``'s height and width, then concatenate on channels.
+
+  The split of an odd difference is milesial/Pytorch-UNet's (``F.pad(x1, [dx // 2, dx - dx //
+  2, dy // 2, dy - dy // 2])``): the extra row or column goes after.
+  """
+  top, bottom = pad_offsets(up.shape[1], skip.shape[1])
+  left, right = pad_offsets(up.shape[2], skip.shape[2])
+  if top or bottom or left or right:
+    up = jnp.pad(up, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  parts = (skip, up) if order == "skip_up" else (up, skip)
+  return jnp.concatenate(parts, axis=-1)
+
+
 class UNet(nnx.Module):
   """U-Net for ``[N, H, W, in_channels]`` images → ``[N, H', W', num_classes]`` logits.
 
@@ -242,6 +270,14 @@ class UNet(nnx.Module):
     use_bias: bias in the 3×3 convolutions.
     dropout: dropout rate at the end of the contracting path (``0`` disables it).
     concat_order: ``"skip_up"`` (the paper, milesial) or ``"up_skip"`` (the walkthrough).
+    skip_fit: how the decoder joins an up-sampled map and a larger skip: ``"crop"`` the skip
+      (the paper; sizes must pool evenly) or ``"pad"`` the up-sampled map (milesial; pooling
+      floors odd sizes, so a padded model takes any size ≥ ``2**depth``).
+    activation: how logits become probabilities: ``"softmax"`` over the classes, or
+      ``"sigmoid"`` per channel (one channel: a binary model; several: multi-label).
+      ``None`` (the default) means ``"sigmoid"`` for one class and ``"softmax"`` otherwise.
+      It changes no parameter and not the logits: predict, evaluate, the losses and the
+      metrics read it (``unet_jax.heads``).
     remat: recompute each level's activations in the backward pass (saves memory).
     norm_axis_name: mapped axis over which BatchNorm statistics are reduced in training.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); ``param_dtype``: parameter dtype.
@@ -256,13 +292,15 @@ class UNet(nnx.Module):
                encoder_padding: Padding = "valid", decoder_padding: Padding = "valid",
                upsample: Upsample = "transpose", norm: str | None = None,
                use_bias: bool = True, dropout: float = 0.0,
-               concat_order: ConcatOrder = "skip_up", remat: bool = False,
+               concat_order: ConcatOrder = "skip_up", skip_fit: SkipFit = "crop",
+               activation: heads.Activation | None = None, remat: bool = False,
                norm_axis_name: str | None = None, dtype=None, param_dtype=jnp.float32,
                ops: ops_lib.Ops = ops_lib.STOCK, rngs: nnx.Rngs):
     _check_options(in_channels, num_classes, features, upsample, norm, dropout, concat_order)
     self.in_channels, self.num_classes, self.remat = in_channels, num_classes, remat
+    self.activation = heads.resolve(activation, num_classes)
     self.features = tuple(features)
-    self.geometry = Geometry(len(features) - 1, encoder_padding, decoder_padding)
+    self.geometry = Geometry(len(features) - 1, encoder_padding, decoder_padding, skip_fit)
     common = dict(norm=norm, use_bias=use_bias, norm_axis_name=norm_axis_name, dtype=dtype,
                   param_dtype=param_dtype, ops=ops, rngs=rngs)
     halve = 2 if upsample == "bilinear" else 1
@@ -275,7 +313,7 @@ class UNet(nnx.Module):
     for k in reversed(range(len(features) - 1)):
       out = features[k] if upsample == "transpose" or k == 0 else features[k - 1]
       ups.append(Up(channels, features[k], out, upsample=upsample, concat_order=concat_order,
-                    padding=decoder_padding, remat=remat, **common))
+                    skip_fit=skip_fit, padding=decoder_padding, remat=remat, **common))
       channels = out
     self.ups = nnx.List(ups)
     self.head = nnx.Conv(features[0], num_classes, (1, 1), kernel_init=he_normal, dtype=dtype,
@@ -343,7 +381,8 @@ paper = functools.partial(UNet, encoder_padding="valid", decoder_padding="valid"
 walkthrough = functools.partial(UNet, encoder_padding="valid", decoder_padding="same",
                                 norm="batch", use_bias=True, concat_order="up_skip")
 milesial = functools.partial(UNet, encoder_padding="same", decoder_padding="same",
-                             norm="batch", use_bias=False, concat_order="skip_up")
+                             norm="batch", use_bias=False, concat_order="skip_up",
+                             skip_fit="pad")
 
 PRESETS = {"paper": paper, "walkthrough": walkthrough, "milesial": milesial}
 
@@ -360,7 +399,8 @@ def config_of(model: UNet) -> dict:
             "norm": "batch" if model.inc.norm1 is not None else None,
             "use_bias": bool(first.use_bias),
             "dropout": float(model.dropout.rate) if model.dropout is not None else 0.0,
-            "concat_order": up.concat_order, "remat": bool(model.remat)}
+            "concat_order": up.concat_order, "skip_fit": model.geometry.skip_fit,
+            "activation": model.activation, "remat": bool(model.remat)}
   if first.dtype is not None:
     config["dtype"] = jnp.dtype(first.dtype).name
   if jnp.dtype(first.param_dtype) != jnp.float32:

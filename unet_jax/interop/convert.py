@@ -46,8 +46,11 @@ _DOUBLE_CONV = (("0", "conv1"), ("1", "norm1"), ("3", "conv2"), ("4", "norm2"))
 _LAYOUT_DEFAULTS = {
     "walkthrough": dict(encoder_padding="valid", decoder_padding="same",
                         concat_order="up_skip"),
-    "milesial": dict(encoder_padding="same", decoder_padding="same", concat_order="skip_up"),
+    "milesial": dict(encoder_padding="same", decoder_padding="same", concat_order="skip_up",
+                     skip_fit="pad"),
 }
+# Entries of a converted model's config.json that describe its data, not the network.
+METADATA_KEYS = ("layout", "mask_values", "class_names")
 
 
 def _module_pairs(layout: str, depth: int, upsample: str) -> list[tuple[str, tuple, str]]:
@@ -153,23 +156,25 @@ def infer_config(state_dict: Mapping[str, Any], layout: str) -> dict[str, Any]:
 
 
 def from_pytorch(state_dict: Mapping[str, Any], *, layout: str | None = None,
-                 **overrides) -> tuple[UNet, dict[str, Any]]:
+                 allow_nonfinite: bool = False, **overrides) -> tuple[UNet, dict[str, Any]]:
   """A ``UNet`` holding a PyTorch state dict's weights, and its config.
 
   Args:
     state_dict: names → arrays (numpy, or anything ``np.asarray`` takes).
     layout: ``"walkthrough"`` or ``"milesial"``; detected from the names when ``None``.
+    allow_nonfinite: accept tensors holding NaN or infinity (refused by default).
     **overrides: extra ``UNet`` options (``dtype``, ``remat``, ``dropout``, ...).
 
   Raises:
-    ValueError: listing every missing, unexpected and mis-shaped key at once.
+    ValueError: listing every missing, unexpected and mis-shaped key at once, or naming the
+      tensors that hold NaN or infinity.
   """
   state_dict = unwrap(state_dict)
   layout = layout or detect_layout(state_dict)
   config = {**infer_config(state_dict, layout), **overrides}
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: UNet(**config, rngs=nnx.Rngs(0))))
   pure = nnx.to_pure_dict(abstract)
-  missing, mis_shaped, used = [], [], set()
+  missing, mis_shaped, nonfinite, used = [], [], [], set()
   for prefix, path, kind in _module_pairs(layout, len(config["features"]) - 1, config["upsample"]):
     node = _get(pure, path)
     for torch_name, (flax_name, to_flax, _) in _TENSORS[kind].items():
@@ -183,6 +188,7 @@ def from_pytorch(state_dict: Mapping[str, Any], *, layout: str | None = None,
       # A copy, never a view: the caller's tensors (e.g. torch's) may change in place later.
       value = np.asarray(state_dict[key], dtype=np.float32)
       value = np.array(to_flax(value) if to_flax else value, copy=True, order="C")
+      nonfinite += _nonfinite(key, value)
       if value.shape != node[flax_name].shape:
         mis_shaped.append(f"{key}: got {value.shape}, expected {node[flax_name].shape} (Flax layout)")
         continue
@@ -193,8 +199,13 @@ def from_pytorch(state_dict: Mapping[str, Any], *, layout: str | None = None,
     raise ValueError(f"cannot load this {layout} checkpoint into a U-Net with {config}:\n"
                      + _listing("missing", missing) + _listing("unexpected", unexpected)
                      + _listing("mis-shaped", mis_shaped))
+  if nonfinite and not allow_nonfinite:
+    _refuse_nonfinite(nonfinite, "the checkpoint")
   nnx.replace_by_pure_dict(abstract, pure)
-  return nnx.merge(graphdef, abstract), {"layout": layout, **config}
+  metadata = {"layout": layout}
+  if "mask_values" in state_dict:
+    metadata["mask_values"] = _mask_values(state_dict["mask_values"])
+  return nnx.merge(graphdef, abstract), {**metadata, **config}
 
 
 def to_pytorch(model: UNet, layout: str) -> dict[str, np.ndarray]:
@@ -220,9 +231,45 @@ def to_pytorch(model: UNet, layout: str) -> dict[str, np.ndarray]:
 
 
 def load_pytorch(path: str | os.PathLike, *, layout: str | None = None,
-                 **overrides) -> tuple[UNet, dict[str, Any]]:
-  """Read a ``.pth``/``.pt``/``.safetensors`` file and return ``(model, config)``."""
-  return from_pytorch(pth.load_state_dict(path), layout=layout, **overrides)
+                 allow_nonfinite: bool = False, **overrides) -> tuple[UNet, dict[str, Any]]:
+  """Read a ``.pth``/``.pt``/``.safetensors`` file and return ``(model, config)``; tensors
+  holding NaN or infinity are refused unless ``allow_nonfinite``."""
+  return from_pytorch(pth.load_state_dict(path), layout=layout,
+                      allow_nonfinite=allow_nonfinite, **overrides)
+
+
+def require_finite(tree: Any, *, source: str) -> None:
+  """Raise ``ValueError`` naming each array of ``tree`` (nested dicts of arrays, e.g.
+  ``nnx.to_pure_dict(state)``) that holds NaN or infinity; ``source`` says where it is from."""
+  nonfinite = []
+  for keys, value in jax.tree_util.tree_leaves_with_path(tree):
+    name = "/".join(str(getattr(key, "key", key)) for key in keys)
+    nonfinite += _nonfinite(name, np.asarray(value, np.float32))
+  if nonfinite:
+    _refuse_nonfinite(nonfinite, source)
+
+
+def _nonfinite(name: str, value: np.ndarray) -> list[str]:
+  count = value.size - np.count_nonzero(np.isfinite(value))
+  return [f"{name} ({count} of {value.size} values)"] if count else []
+
+
+def _refuse_nonfinite(nonfinite: list[str], source: str) -> None:
+  shown = ", ".join(nonfinite[:5]) + (f" and {len(nonfinite) - 5} more"
+                                      if len(nonfinite) > 5 else "")
+  raise ValueError(f"{source} holds NaN or infinite values in {len(nonfinite)} tensor(s): "
+                   f"{shown}. A model with them predicts nonsense (typically one class "
+                   f"everywhere). To load it anyway, pass allow_nonfinite=True "
+                   f"(--allow-nonfinite on the command line).")
+
+
+def _mask_values(values: Any) -> list:
+  """milesial's ``mask_values`` (the mask pixel value of each class: ints, or RGB lists) as
+  JSON; what a predicted class is written as."""
+  values = np.asarray(values).tolist()
+  if not isinstance(values, list):
+    raise ValueError(f"mask_values must be a list of mask values, got {values!r}")
+  return values
 
 
 def _get(tree: dict, path: tuple) -> dict:
@@ -249,8 +296,10 @@ def save_flax(model: UNet, config: Mapping[str, Any], directory: str | os.PathLi
   (directory / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
 
 
-def load_flax(directory: str | os.PathLike) -> tuple[UNet, dict[str, Any]]:
-  """Read a model written by ``save_flax`` (or by the ``convert`` command line)."""
+def load_flax(directory: str | os.PathLike, *,
+              allow_nonfinite: bool = False) -> tuple[UNet, dict[str, Any]]:
+  """Read a model written by ``save_flax`` (or by the ``convert`` command line); parameters
+  holding NaN or infinity are refused unless ``allow_nonfinite``."""
   import orbax.checkpoint as ocp
   directory = pathlib.Path(directory).absolute()
   config_file = directory / "config.json"
@@ -258,9 +307,11 @@ def load_flax(directory: str | os.PathLike) -> tuple[UNet, dict[str, Any]]:
     raise FileNotFoundError(f"{directory} is not a converted model: expected config.json and "
                             f"state/ inside it (written by python -m unet_jax.convert)")
   config = json.loads(config_file.read_text())
-  kwargs = {k: v for k, v in config.items() if k != "layout"}
+  kwargs = {k: v for k, v in config.items() if k not in METADATA_KEYS}
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: UNet(**kwargs, rngs=nnx.Rngs(0))))
   state = ocp.StandardCheckpointer().restore(directory / "state", abstract)
+  if not allow_nonfinite:
+    require_finite(nnx.to_pure_dict(state), source=str(directory))
   return nnx.merge(graphdef, state), config
 
 
@@ -276,10 +327,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--to-pytorch", action="store_true",
                       help="write OUTPUT_DIR/model.safetensors (and model.pth if torch is "
                       "installed) from a converted Flax model")
+  parser.add_argument("--allow-nonfinite", action="store_true",
+                      help="convert weights that hold NaN or infinity (refused by default)")
   args = parser.parse_args(argv)
   try:
     if args.to_pytorch:
-      model, config = load_flax(args.input)
+      model, config = load_flax(args.input, allow_nonfinite=args.allow_nonfinite)
       layout = args.layout or config.get("layout") or "walkthrough"
       state = to_pytorch(model, layout)
       out = pathlib.Path(args.output_dir)
@@ -293,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
         pass
       print(f"wrote {', '.join(map(str, written))} ({layout} layout)")
     else:
-      model, config = load_pytorch(args.input, layout=args.layout)
+      model, config = load_pytorch(args.input, layout=args.layout,
+                                   allow_nonfinite=args.allow_nonfinite)
       save_flax(model, config, args.output_dir)
       n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
       print(f"converted {args.input} ({config['layout']} layout, {n:,} parameters, "

@@ -24,11 +24,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from unet_jax import metrics
+from unet_jax import heads, metrics
 from unet_jax.data import pipeline
 from unet_jax.ops import STOCK, Ops
 from unet_jax.training import parallel
 from unet_jax.training.checkpoint import Checkpointer
+from unet_jax.training.lock import hold_workdir
 from unet_jax.training.config_checks import check_config
 from unet_jax.training.report import Reporter
 from unet_jax.training.signals import GracefulStop
@@ -51,7 +52,8 @@ def evaluate(eval_fn, state, batches, mesh, class_names=None) -> dict[str, float
 
 def check_batch(batch: dict[str, np.ndarray], *, num_classes: int, channels: int) -> None:
   """A clear error for data the model cannot train on (host-side; the loop runs it on the
-  first batch, and the step counts the same problems on device for every batch)."""
+  first batch, and the step counts the same problems on device for every batch).
+  ``num_classes`` bounds the labels: ``heads.label_limit`` of the model."""
   image, label = batch["image"], batch["label"]
   _check_channels(batch, channels)
   if not np.isfinite(image).all():
@@ -115,6 +117,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   check_config(config, num_devices=jax.device_count())
   workdir = pathlib.Path(workdir).absolute()
   _writable(workdir)
+  with hold_workdir(workdir):  # one run per workdir
+    return _train(config, workdir, ops)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, ops: Ops
+           ) -> dict[str, float]:
+  """``train_and_evaluate`` once the workdir is this run's."""
   mesh = parallel.make_mesh()
   local_batch = parallel.local_batch_size(config.batch_size, mesh)
   kwargs = model_kwargs(config.model)
@@ -124,15 +133,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tx = create_optimizer(config.optimizer, config.num_steps)
   state, train_graphdef, eval_graphdef = create_train_state(model, tx, config.seed)
   state = parallel.replicate(state, mesh)
-  step_kwargs = dict(loss_config=config.loss, num_classes=num_classes)
+  activation = model.activation
+  label_limit = heads.label_limit(activation, num_classes)
+  step_kwargs = dict(loss_config=config.loss, num_classes=num_classes, activation=activation)
   p_train = parallel.data_parallel(
       functools.partial(train_step, graphdef=train_graphdef, tx=tx, **step_kwargs), mesh,
       batch_argnums=(1,), donate_argnums=(0,))
   p_eval = parallel.data_parallel(
       functools.partial(eval_step, graphdef=eval_graphdef, **step_kwargs), mesh,
       batch_argnums=(1,))
-  p_predict = parallel.data_parallel(functools.partial(predict_step, graphdef=eval_graphdef),
-                                     mesh, batch_argnums=(1,), out_specs=P(AXIS))
+  p_predict = parallel.data_parallel(
+      functools.partial(predict_step, graphdef=eval_graphdef, activation=activation),
+      mesh, batch_argnums=(1,), out_specs=P(AXIS))
 
   checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
                               keep_best=config.checkpoint.keep_best,
@@ -151,9 +163,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_batches = lambda: list(pipeline.eval_batches(config.data, **share))
   evaluate_now = lambda state, batches: evaluate(p_eval, state, batches, mesh,
                                                  config.data.class_names)
-  reporter = Reporter(workdir, config, kwargs, start_step=start)
+  reporter = Reporter(workdir, config, {**kwargs, "activation": activation}, start_step=start)
   record = parallel.replicate(np.zeros(len(PROBLEMS), np.int32), mesh)
-  check = functools.partial(check_record, num_classes=num_classes)
+  check = functools.partial(check_record, num_classes=label_limit)
 
   final = {}
   try:
@@ -163,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         sync = evaluating or step % config.log_every == 0 or step % config.checkpoint.every == 0
         batch = next(iterator)
         if step == start + 1:
-          check_batch(batch, num_classes=num_classes, channels=kwargs["in_channels"])
+          check_batch(batch, num_classes=label_limit, channels=kwargs["in_channels"])
         with contextlib.nullcontext() if sync else jax.transfer_guard_device_to_host("disallow"):
           _check_channels(batch, kwargs["in_channels"])
           state, measurements = p_train(state, parallel.shard_batch(batch, mesh))

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from unet_jax import metrics
+from unet_jax import heads, metrics
 from unet_jax.training import parallel
 
 
@@ -27,6 +27,7 @@ class Reporter:
     self.enabled = jax.process_index() == 0
     self.workdir, self.log_every = workdir, config.log_every
     self.num_classes = model_kwargs["num_classes"]
+    self.activation = heads.resolve(model_kwargs.get("activation"), self.num_classes)
     self.class_names = config.data.class_names
     if not self.enabled:
       return
@@ -70,11 +71,16 @@ class Reporter:
     if not self.enabled:
       return
     shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items()
-                      if k in ("loss", "pixel_error", "mean_iou") or k.startswith("iou_"))
+                      if k in ("loss", "pixel_error", "foreground_dice")
+                      or k.startswith("iou_"))
     self.bar.write(f"eval @ step {step}: {shown}")
     self._record(step, "eval", values)
     local = np.concatenate([np.asarray(s.data) for s in probabilities.addressable_shards])
-    grid = image_grid(batch["image"], batch["label"], local.argmax(-1), self.num_classes)
+    shown_classes = heads.decide(local, self.activation)
+    if shown_classes.ndim == local.ndim:  # multi-label: show the bit sets, as the labels
+      shown_classes = heads.pack(shown_classes)
+    grid = image_grid(batch["image"], batch["label"], shown_classes,
+                      heads.label_limit(self.activation, self.num_classes))
     self.writer.add_image("eval/input_label_prediction", grid, step, dataformats="HWC")
     Image.fromarray(grid).save(self.workdir / "predictions.png")
 

@@ -18,7 +18,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from unet_jax import losses, metrics
+from unet_jax import heads, losses, metrics
 from unet_jax.data import pipeline
 from unet_jax.model import PRESETS, UNet
 from unet_jax.ops import STOCK, Ops
@@ -88,7 +88,7 @@ def create_train_state(model: UNet, tx: optax.GradientTransformation, seed: int
   return state, train_graphdef, eval_graphdef
 
 
-def _loss(logits, batch, config: ml_collections.ConfigDict) -> jax.Array:
+def _loss(logits, batch, config: ml_collections.ConfigDict, activation: str) -> jax.Array:
   """This device's share of the global loss: averaging it over devices gives the loss of
   the whole global batch (a weighted mean over all its pixels, not a mean of means)."""
   labels = batch["label"]
@@ -96,11 +96,12 @@ def _loss(logits, batch, config: ml_collections.ConfigDict) -> jax.Array:
   weights = batch.get("weight", jnp.ones_like(valid)) * valid
   local_total = weights.sum()
   mean_total = jax.lax.pmean(local_total, AXIS)
-  ce = losses.weighted_cross_entropy(logits, jnp.where(valid > 0, labels, 0), weights=weights)
+  ce = losses.weighted_cross_entropy(logits, jnp.where(valid > 0, labels, 0), weights=weights,
+                                     activation=activation)
   ce = ce * local_total / jnp.maximum(mean_total, 1e-12)
   if config.name == "cross_entropy":
     return ce
-  dice = losses.dice_loss(logits, labels, ignore_index=pipeline.IGNORE)
+  dice = losses.dice_loss(logits, labels, ignore_index=pipeline.IGNORE, activation=activation)
   if config.name == "dice":
     return dice
   if config.name == "dice_ce":
@@ -108,15 +109,18 @@ def _loss(logits, batch, config: ml_collections.ConfigDict) -> jax.Array:
   raise ValueError(f"unknown loss {config.name!r}; known: cross_entropy, dice, dice_ce")
 
 
-def compute_metrics(logits, labels, *, num_classes: int) -> jax.Array:
+def compute_metrics(logits, labels, *, num_classes: int, activation: str = "softmax"
+                    ) -> jax.Array:
   """The global confusion matrix of a batch (summed over devices)."""
-  return jax.lax.psum(metrics.confusion_matrix(logits, labels, num_classes=num_classes,
-                                               ignore_index=pipeline.IGNORE), AXIS)
+  return jax.lax.psum(metrics.confusion_matrix(
+      logits, labels, num_classes=heads.metric_classes(activation, num_classes),
+      ignore_index=pipeline.IGNORE, activation=activation), AXIS)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, loss_config: ml_collections.ConfigDict,
-               num_classes: int) -> tuple[TrainState, dict[str, jax.Array]]:
+               num_classes: int, activation: str = "softmax"
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on this device's shard of the batch."""
   key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step),
                            jax.lax.axis_index(AXIS))
@@ -124,7 +128,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
     logits = model(batch["image"], rngs=nnx.Rngs(dropout=key))
-    return _loss(logits, batch, loss_config), (logits, nnx.state(model, nnx.BatchStat))
+    return (_loss(logits, batch, loss_config, activation),
+            (logits, nnx.state(model, nnx.BatchStat)))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
@@ -132,32 +137,38 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
   params = optax.apply_updates(state.params, updates)
   measurements = {"loss": jax.lax.pmean(loss, AXIS), "grad_norm": optax.global_norm(grads),
                   "param_norm": optax.global_norm(params),
-                  "confusion": compute_metrics(logits, batch["label"], num_classes=num_classes),
-                  **_input_problems(batch, num_classes)}
+                  "confusion": compute_metrics(logits, batch["label"], num_classes=num_classes,
+                                               activation=activation),
+                  **_input_problems(batch, heads.label_limit(activation, num_classes))}
   state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                         opt_state=opt_state)
   return state, measurements
 
 
-def _input_problems(batch, num_classes: int) -> dict[str, jax.Array]:
-  """Counts of non-finite pixels and of labels outside the classes in the global batch."""
+def _input_problems(batch, label_limit: int) -> dict[str, jax.Array]:
+  """Counts of non-finite pixels and of labels outside ``[0, label_limit)`` in the global
+  batch."""
   labels = batch["label"]
-  outside = (labels != pipeline.IGNORE) & ((labels < 0) | (labels >= num_classes))
+  outside = (labels != pipeline.IGNORE) & ((labels < 0) | (labels >= label_limit))
   return {"bad_pixels": jax.lax.psum(jnp.sum(~jnp.isfinite(batch["image"])), AXIS),
           "bad_labels": jax.lax.psum(jnp.sum(outside), AXIS)}
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-              loss_config: ml_collections.ConfigDict, num_classes: int
-              ) -> dict[str, jax.Array]:
+              loss_config: ml_collections.ConfigDict, num_classes: int,
+              activation: str = "softmax") -> dict[str, jax.Array]:
   """Loss (summed over the batch's examples) and confusion matrix in evaluation mode."""
   logits = nnx.merge(graphdef, state.params, state.batch_stats)(batch["image"])
   examples = batch["image"].shape[0]
-  return {"loss_sum": jax.lax.psum(_loss(logits, batch, loss_config) * examples, AXIS),
+  loss = _loss(logits, batch, loss_config, activation)
+  return {"loss_sum": jax.lax.psum(loss * examples, AXIS),
           "examples": jax.lax.psum(examples, AXIS),
-          "confusion": compute_metrics(logits, batch["label"], num_classes=num_classes)}
+          "confusion": compute_metrics(logits, batch["label"], num_classes=num_classes,
+                                       activation=activation)}
 
 
-def predict_step(state: TrainState, images: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
-  """Class probabilities for this device's images (evaluation mode)."""
-  return jax.nn.softmax(nnx.merge(graphdef, state.params, state.batch_stats)(images), axis=-1)
+def predict_step(state: TrainState, images: jax.Array, *, graphdef: nnx.GraphDef,
+                 activation: str = "softmax") -> jax.Array:
+  """Probabilities (``unet_jax.heads``) for this device's images (evaluation mode)."""
+  return heads.probabilities(nnx.merge(graphdef, state.params, state.batch_stats)(images),
+                             activation)
