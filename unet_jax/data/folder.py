@@ -14,19 +14,22 @@ fraction of the stems (``val_fraction``): the stems are sorted, shuffled with a 
 depend on the order of the files on disk nor on the training seed.
 
 Pairing, empty folders and duplicate stems are checked when the source is made; each file is
-read (and its mask values checked) when its example is first asked for.
+read (and its mask values checked) when its example is first asked for. Entries that are not
+images are left out (:mod:`unet_jax.data.listing`: hidden names, broken links, link loops,
+directories, other file types) and one warning line says which and why.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 from collections.abc import Mapping, Sequence
 
 import ml_collections
 import numpy as np
 
-from unet_jax.data import decode
+from unet_jax.data import decode, listing
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
@@ -39,43 +42,49 @@ def find_pairs(directory: str | os.PathLike, *, images: str = "images", masks: s
     FileNotFoundError: if a folder is missing.
     ValueError: if a folder holds no images, two files share a stem, or an image has no mask
       (or a mask no image); the message lists the files concerned.
+
+  Warns (``UserWarning``, one line) when entries of either folder were left out.
   """
   directory = pathlib.Path(directory)
-  image_files = _by_stem(directory / images)
+  image_listing, mask_listing = _listed(directory / images), _listed(directory / masks)
+  skipped = [found.summary() for found in (image_listing, mask_listing) if found.skipped]
+  if skipped:
+    warnings.warn("; ".join(skipped), UserWarning, stacklevel=2)
+  image_files = _by_stem(image_listing)
   mask_files = {stem[:-len(mask_suffix)] if mask_suffix and stem.endswith(mask_suffix) else stem:
-                path for stem, path in _by_stem(directory / masks).items()}
+                path for stem, path in _by_stem(mask_listing).items()}
   lonely_images = sorted(set(image_files) - set(mask_files))
   lonely_masks = sorted(set(mask_files) - set(image_files))
   if lonely_images or lonely_masks:
     raise ValueError(
         f"{directory}: every image needs a mask with the same stem"
         f"{f' + {mask_suffix!r}' if mask_suffix else ''}. Images without a mask: "
-        f"{_some(image_files[s].name for s in lonely_images)}; masks without an image: "
-        f"{_some(mask_files[s].name for s in lonely_masks)}")
+        f"{listing.some((image_files[s].name for s in lonely_images), 10)}; masks without an "
+        f"image: {listing.some((mask_files[s].name for s in lonely_masks), 10)}")
   return [(image_files[stem], mask_files[stem]) for stem in sorted(image_files)]
 
 
-def _by_stem(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+def _listed(folder: pathlib.Path) -> listing.Listing:
+  """The images of ``folder`` and the entries left out; errors for a missing or empty one."""
   if not folder.is_dir():
-    raise FileNotFoundError(f"{folder} does not exist (expected a folder of images)")
-  files = sorted(f for f in folder.iterdir() if f.suffix.lower() in SUFFIXES and f.is_file())
-  if not files:
-    others = sorted(f.name for f in folder.iterdir())
+    why = listing.missing(folder) if not folder.exists() else f"{folder} is not a folder"
+    raise FileNotFoundError(f"{why} (expected a folder of images)")
+  found = listing.list_folder(folder, SUFFIXES)
+  if not found.files:
     raise ValueError(f"{folder} holds no images with a suffix in {SUFFIXES}"
-                     f"{f'; it holds: {_some(others)}' if others else ' (it is empty)'}")
+                     f"{f'; it holds: {found.entries()}' if found.skipped else ' (it is empty)'}")
+  return found
+
+
+def _by_stem(found: listing.Listing) -> dict[str, pathlib.Path]:
   by_stem: dict[str, pathlib.Path] = {}
-  for f in files:
+  folder = found.folder
+  for f in found.files:
     if f.stem in by_stem:
       raise ValueError(f"{folder}: {by_stem[f.stem].name} and {f.name} have the same stem; "
                        f"keep one of them")
     by_stem[f.stem] = f
   return by_stem
-
-
-def _some(names, limit: int = 10) -> str:
-  names = list(names)
-  return "none" if not names else ", ".join(names[:limit]) + (
-      f" … ({len(names)} in all)" if len(names) > limit else "")
 
 
 class FolderSource:

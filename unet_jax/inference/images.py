@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 
 import numpy as np
+
+from unet_jax.data import listing
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # Class colours of the overlay (class 0 is left uncoloured).
@@ -94,18 +97,30 @@ def read_image(path: str | os.PathLike, *, mask: bool = False) -> list[np.ndarra
 
 
 def list_images(path: str | os.PathLike) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
-  """``(images, unsupported)``: a file, or the files of a folder (not recursive, hidden
-  files skipped); ``ValueError`` when there is no image at all."""
+  """``(images, unsupported)``: a file, or the files of a folder (not recursive, links
+  followed; see :mod:`unet_jax.data.listing`); ``ValueError`` when there is no image at all.
+
+  Of a folder, ``unsupported`` are its other regular files; when anything was left out
+  (those, hidden names, broken links, link loops, directories) one ``UserWarning`` line says
+  what and why.
+  """
   path = pathlib.Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist")
-  files = [path] if path.is_file() else sorted(
-      p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-  images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-  if not images:
-    found = f"; found {', '.join(p.name for p in files[:5])}" if files else ""
-    raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}{found}")
-  return images, [p for p in files if p not in images]
+    raise FileNotFoundError(listing.missing(path))
+  if not path.is_dir():
+    if not path.is_file():
+      raise ValueError(f"{path} is neither an image file nor a folder")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+      raise ValueError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
+                       f"supported: {', '.join(IMAGE_SUFFIXES)}")
+    return [path], []
+  found = listing.list_folder(path, IMAGE_SUFFIXES)
+  if not found.files:
+    raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}"
+                     f"{f'; it holds: {found.entries()}' if found.skipped else ' (it is empty)'}")
+  if found.skipped:
+    warnings.warn(found.summary(), UserWarning, stacklevel=2)
+  return found.files, found.unsupported
 
 
 def page_names(stem: str, count: int) -> list[str]:
