@@ -15,45 +15,128 @@ Every source returns the same two arrays, whatever it reads:
   as its palette indices; an integer class image with classes 0 … 4 is ``(0, 1, 2, 3, 4)``.
 
 Every error names the file (or the example) and what was wrong with it.
+
+No reader decodes a file larger than ``max_pixels()`` pixels (all pages of a TIFF together;
+by default ``MAX_PIXELS``, about 179 million, the size at which Pillow refuses an image): the
+size is read from the file's header and checked before anything is decoded, so a small
+compressed file that claims a huge image is refused without allocating it. The limit is one
+setting for every format: ``set_max_pixels`` changes it for the process (entry points pass
+their flag or config value there), and each reader's ``max_pixels`` argument for one call.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 IGNORE = -1  # label of pixels that losses and metrics skip
 
+# Pillow refuses images past twice its MAX_IMAGE_PIXELS (89,478,485): the same default here.
+MAX_PIXELS = 2 * 89_478_485
+
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _TIFF_SUFFIXES = (".tif", ".tiff")
+_max_pixels = MAX_PIXELS
+_pillow_limit = threading.Lock()
 
 
-def read_file(path: str | os.PathLike, *, mask: bool = False) -> np.ndarray:
+class ImageTooLargeError(ValueError):
+  """An image file holds more pixels than the reader is allowed to decode."""
+
+
+def set_max_pixels(pixels: int) -> None:
+  """Set the largest image, in pixels per file, that every reader of this package decodes."""
+  global _max_pixels
+  if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 1:
+    raise ValueError(f"max_pixels must be a whole number ≥ 1, got {pixels!r}")
+  _max_pixels = pixels
+
+
+def max_pixels() -> int:
+  """The largest image, in pixels per file, that readers decode (``set_max_pixels``)."""
+  return _max_pixels
+
+
+def check_pixels(path: str | os.PathLike, pixels: int, limit: int | None = None) -> None:
+  """Refuse a file of ``pixels`` pixels (from its header) past ``limit`` (``max_pixels()``)."""
+  limit = _max_pixels if limit is None else limit
+  if pixels > limit:
+    raise ImageTooLargeError(
+        f"{path}: the image has {pixels:,} pixels, more than the limit of {limit:,}; a small "
+        f"compressed file can claim a huge image. If the image is genuine, raise the limit "
+        f"(max_pixels=..., or unet_jax.data.decode.set_max_pixels, or the entry point's "
+        f"max-pixels option)")
+
+
+def tiff_pixels(shape: Sequence[int], axes: str) -> int:
+  """Pixels in a tifffile series or page of ``shape`` and ``axes`` (samples not counted)."""
+  return math.prod(n for n, axis in zip(shape, axes) if axis != "S")
+
+
+def open_pillow(path: str | os.PathLike, *, max_pixels: int | None = None):
+  """``PIL.Image.open(path)``, refused before decoding if past the pixel limit.
+
+  Pillow's own limit (``PIL.Image.MAX_IMAGE_PIXELS``) still applies below it; where
+  ``max_pixels`` allows a larger image, Pillow's is lifted for that one call.
+  """
+  from PIL import Image
+  limit = _max_pixels if max_pixels is None else max_pixels
+  try:
+    image = Image.open(path)
+  except Image.DecompressionBombError as error:
+    pillow = Image.MAX_IMAGE_PIXELS
+    if limit <= 2 * pillow:
+      raise ImageTooLargeError(f"{path}: {error} Raise max_pixels (now {limit:,}) if the "
+                               f"image is genuine") from None
+    with _pillow_limit:  # a process-wide setting of Pillow, restored at once
+      Image.MAX_IMAGE_PIXELS = None
+      try:
+        image = Image.open(path)
+      finally:
+        Image.MAX_IMAGE_PIXELS = pillow
+  try:
+    check_pixels(path, image.width * image.height, limit)
+  except ImageTooLargeError:
+    image.close()
+    raise
+  return image
+
+
+def read_file(path: str | os.PathLike, *, mask: bool = False,
+              max_pixels: int | None = None) -> np.ndarray:
   """The pixels of an image file: ``[H, W]`` or ``[H, W, C]``, in the file's own dtype.
 
   TIFFs (including multi-page stacks, ``[N, H, W]``) are read with tifffile, every other
   format with Pillow. A palette image gives its palette indices when ``mask`` is true and its
-  colours otherwise.
+  colours otherwise. A file of more than ``max_pixels`` pixels (default: ``max_pixels()``)
+  is refused before it is decoded.
 
   Raises:
-    ValueError: naming the file, if it is missing, truncated or not an image.
+    ValueError: naming the file, if it is missing, truncated, not an image, or too large
+      (``ImageTooLargeError``).
   """
   path = pathlib.Path(path)
   try:
     if path.suffix.lower() in _TIFF_SUFFIXES:
       import tifffile
-      return np.asarray(tifffile.imread(path))
-    from PIL import Image
-    with Image.open(path) as image:
+      with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        check_pixels(path, tiff_pixels(series.shape, series.axes), max_pixels)
+        return np.asarray(tif.asarray())
+    with open_pillow(path, max_pixels=max_pixels) as image:
       image.load()
       if image.mode == "P" and not mask:
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
       elif image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "I;16B", "F"):
         image = image.convert("RGB")  # CMYK, YCbCr, ...
       return np.asarray(image)
+  except ImageTooLargeError:
+    raise
   except Exception as error:  # Pillow and tifffile raise many types for a bad file
     raise ValueError(f"cannot read {path}: {type(error).__name__}: {error} (is the file "
                      f"truncated, empty or not an image?)") from error
@@ -91,6 +174,11 @@ def _to_unit_float(pixels: np.ndarray, *, name: str) -> np.ndarray:
   if np.issubdtype(pixels.dtype, np.integer):
     return (pixels.astype(np.float32) / np.iinfo(pixels.dtype).max).clip(0.0, 1.0)
   if np.issubdtype(pixels.dtype, np.floating):
+    bad = np.count_nonzero(~np.isfinite(pixels))
+    if bad:
+      raise ValueError(f"{name}: {bad:,} of {pixels.size:,} pixel values are NaN or infinite; "
+                       f"the network needs finite pixels in [0, 1]. Repair or replace the "
+                       f"image")
     low, high = float(pixels.min()), float(pixels.max())
     if not (0.0 <= low and high <= 1.0):
       raise ValueError(f"{name}: floating-point pixels must lie in [0, 1], got values in "

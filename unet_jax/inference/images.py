@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from unet_jax.data import listing
+from unet_jax.data import decode, listing
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # Class colours of the overlay (class 0 is left uncoloured).
@@ -63,10 +63,13 @@ def match_channels(image: np.ndarray, channels: int, *, name: str = "image") -> 
                    f"only gray, gray+alpha, RGB and RGBA images can be converted")
 
 
-def read_image(path: str | os.PathLike, *, mask: bool = False) -> list[np.ndarray]:
+def read_image(path: str | os.PathLike, *, mask: bool = False,
+               max_pixels: int | None = None) -> list[np.ndarray]:
   """The pages of an image file as arrays ``[H, W]`` or ``[H, W, C]`` (one page, except for
   multi-page TIFFs, which need ``tifffile``). A palette image gives its colours, or with
-  ``mask`` its palette indices."""
+  ``mask`` its palette indices. A file of more than ``max_pixels`` pixels, all pages together
+  (default: ``unet_jax.data.decode.max_pixels()``), is refused from its header, before it is
+  decoded (``decode.ImageTooLargeError``)."""
   path = pathlib.Path(path)
   if path.suffix.lower() not in IMAGE_SUFFIXES:
     raise ValueError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; supported: "
@@ -78,12 +81,13 @@ def read_image(path: str | os.PathLike, *, mask: bool = False) -> list[np.ndarra
       raise ImportError(f"{path}: reading TIFF files needs tifffile (pip install "
                         f"tifffile)") from None
     with tifffile.TiffFile(path) as tif:
+      decode.check_pixels(path, sum(decode.tiff_pixels(page.shape, page.axes)
+                                    for page in tif.pages), max_pixels)
       pages = [page.asarray() for page in tif.pages]
     # Planar TIFFs store [C, H, W].
     return [p.transpose(1, 2, 0) if p.ndim == 3 and p.shape[0] <= 4 < p.shape[-1] else p
             for p in pages]
-  from PIL import Image
-  with Image.open(path) as picture:
+  with decode.open_pillow(path, max_pixels=max_pixels) as picture:
     if picture.mode in ("P", "PA") and not mask:
       picture = picture.convert("RGBA" if "transparency" in picture.info else "RGB")
     elif picture.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
