@@ -126,8 +126,11 @@ def _no_partial_checkpoints(workdir):
     ({"optimizer.schedule": "linear"}, ValueError, r"unknown schedule 'linear'"),
     ({"loss.name": "focal"}, ValueError, r"unknown loss 'focal'"),
     ({"batch_size": 6}, ValueError, r"batch size 6 does not divide evenly over 8 devices"),
-    ({"data.tile_size": (33, 33)}, ValueError, r"tile_size|nearest valid"),
-    ({"model.num_classes": 1}, ValueError, r"label values \[1\] are outside the model's classes"),
+    ({"data.tile_size": (3, 3)}, ValueError, r"tile_size|nearest valid"),
+    ({"data.synthetic_labels": "multilabel"}, ValueError,
+     r"label values \[3\] are outside the model's classes"),
+    ({"model.activation": "softmax", "model.num_classes": 1}, ValueError,
+     r"one output channel is always 1"),
     ({"data.channels": 3}, ValueError, r"3 channel\(s\) but the model takes 1"),
 ])
 def test_training_configuration(tmp_path, changes, error, message):

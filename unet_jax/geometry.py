@@ -182,6 +182,17 @@ def _as_size(size) -> int | None:
     return None
 
 
+def as_hw(value) -> tuple[int, int]:
+  """A size setting as ``(height, width)``: an integer means a square (``--config.data.
+  tile_size=256``, which ml_collections may hand over as ``(256,)``)."""
+  if _as_size(value) is not None and not isinstance(value, bool):
+    return _as_size(value), _as_size(value)
+  if (isinstance(value, (tuple, list)) and len(value) in (1, 2)
+      and all(_as_size(n) is not None and not isinstance(n, bool) for n in value)):
+    return _as_size(value[0]), _as_size(value[-1])
+  raise ValueError(f"expected (height, width) or one integer for a square, got {value!r}")
+
+
 def crop_offsets(source: int, target: int) -> tuple[int, int]:
   """Pixels to remove before and after to center-crop ``source`` down to ``target``.
 

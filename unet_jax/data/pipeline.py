@@ -31,7 +31,7 @@ import numpy as np
 from unet_jax.data import augment, folder, isbi2012, tfds_source
 from unet_jax.data.decode import IGNORE
 from unet_jax.data.synthetic import SyntheticEM
-from unet_jax.geometry import Geometry, crop_offsets
+from unet_jax.geometry import Geometry, as_hw, crop_offsets
 from unet_jax.weight_map import weight_map
 
 __all__ = ["IGNORE", "make_source", "tile_shapes", "cut_tile", "random_tile", "covering_tiles",
@@ -49,8 +49,9 @@ def make_source(config: ml_collections.ConfigDict, split: str):
     count = config.num_train if split == "train" else config.num_val
     # Disjoint seeds keep validation images out of the training set.
     seed = config.seed if split == "train" else config.seed + 10_000
-    return SyntheticEM(count, size=tuple(config.image_size), seed=seed,
-                       channels=config.channels)
+    return SyntheticEM(count, size=as_hw(config.image_size), seed=seed,
+                       channels=config.channels,
+                       labels=config.get("synthetic_labels", "membrane"))
   if config.source not in _FROM_CONFIG:
     raise ValueError(f"unknown data source {config.source!r}; known sources: {SOURCES}")
   if config.source not in config:
@@ -71,7 +72,10 @@ def tile_shapes(config: ml_collections.ConfigDict, geometry: Geometry
   Raises:
     ValueError: naming the nearest valid sizes when the tile is not a valid model input.
   """
-  tile = tuple(config.tile_size)
+  try:
+    tile = as_hw(config.tile_size)
+  except ValueError:
+    tile = tuple(np.ravel(config.tile_size))
   if len(tile) != 2:
     raise ValueError(f"data.tile_size must be (height, width), got {tile}")
   try:

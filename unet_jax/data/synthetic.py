@@ -16,7 +16,10 @@ tested without downloading anything:
   contrast.
 
 The label is 1 for cell interior and 0 for membrane, the convention of ISBI 2012 after
-thresholding. Every example is a pure function of ``(seed, index)``.
+thresholding. With ``labels="multilabel"`` it is a multi-label example instead
+(``unet_jax.heads``): class 0 ``cell`` (the interior, organelles included) and class 1
+``organelle``, which overlap, packed as bits. Every example is a pure function of
+``(seed, index)``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ _CELL_SPACING = (16.0, 22.0)
 # Membrane half-thickness h(x): a membrane is 2h wide, so 1-3 px.
 _HALF_THICKNESS = (0.5, 1.5)
 _MIN_SIZE = 16
+LABELS = ("membrane", "multilabel")
+MULTILABEL_CLASSES = ("cell", "organelle")
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
@@ -51,7 +56,7 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale: float
 
 
 def _draw_example(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, ...]:
-  """One ``(image [H, W] float32 in [0, 1], label [H, W] int32)`` pair."""
+  """``(image [H, W] float32 in [0, 1], label [H, W] int32, organelles [H, W] bool)``."""
   spacing = rng.uniform(*_CELL_SPACING)
 
   # Seeds on a jittered grid reaching one spacing past every edge, so border cells are whole.
@@ -92,6 +97,7 @@ def _draw_example(rng: np.random.Generator, height: int, width: int) -> tuple[np
   image += 0.04 * _smooth_field(rng, (height, width), 3.0 * spacing)
 
   # Organelles: dark ellipses inside the cells, labelled interior, the classic false positive.
+  organelles = np.zeros((height, width), bool)
   num_blobs = rng.poisson(0.3 * height * width / spacing**2)
   for _ in range(num_blobs):
     cy, cx = rng.uniform(0, height), rng.uniform(0, width)
@@ -108,13 +114,14 @@ def _draw_example(rng: np.random.Generator, height: int, width: int) -> tuple[np
     # (1 - r) * radius is roughly the distance to the rim in pixels: a 1 px soft edge.
     coverage = np.clip((1.0 - np.sqrt(u * u + v * v)) * min(ry, rx) + 0.5, 0.0, 1.0)
     image[window] += coverage * (rng.uniform(0.25, 0.45) - image[window])
+    organelles[window] |= coverage > 0.5
 
   image += membrane * (rng.uniform(0.08, 0.22) - image)
   image = ndimage.gaussian_filter(image, rng.uniform(0.4, 1.0))
   image += rng.uniform(0.015, 0.05) * rng.standard_normal((height, width))
   mean = image.mean()
   image = (image - mean) * rng.uniform(0.75, 1.25) + mean + rng.uniform(-0.1, 0.1)
-  return np.clip(image, 0.0, 1.0).astype(np.float32), label
+  return np.clip(image, 0.0, 1.0).astype(np.float32), label, organelles & (label == 1)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -135,13 +142,15 @@ class SyntheticEM:
 
   * ``image``: float32 ``[H, W, channels]`` in ``[0, 1]`` (the grey image repeated over
     channels);
-  * ``label``: int32 ``[H, W]``, 1 = cell interior, 0 = membrane.
+  * ``label``: int32 ``[H, W]``, 1 = cell interior, 0 = membrane; or with
+    ``labels="multilabel"`` the bits of classes ``cell`` (1) and ``organelle`` (2).
 
   Args:
     num_examples: dataset length, ``>= 0``.
     size: ``(H, W)``, each ``>= 16``.
     seed: non-negative integer; different seeds give independent datasets.
     channels: number of image channels, ``>= 1``.
+    labels: ``"membrane"`` (two classes) or ``"multilabel"`` (``MULTILABEL_CLASSES``).
 
   Raises:
     ValueError: on an invalid argument, naming it and the valid range.
@@ -154,6 +163,7 @@ class SyntheticEM:
       size: tuple[int, int] = (256, 256),
       seed: int = 0,
       channels: int = 1,
+      labels: str = "membrane",
   ):
     self._num_examples = _check_int("num_examples", num_examples, 0)
     if not isinstance(size, (tuple, list)) or len(size) != 2:
@@ -164,6 +174,9 @@ class SyntheticEM:
     )
     self._seed = _check_int("seed", seed, 0)
     self._channels = _check_int("channels", channels, 1)
+    if labels not in LABELS:
+      raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+    self._labels = labels
 
   @property
   def size(self) -> tuple[int, int]:
@@ -189,12 +202,15 @@ class SyntheticEM:
           f"{self._num_examples - 1} (negative indices are not supported)"
       )
     rng = np.random.default_rng((self._seed, int(index)))
-    image, label = _draw_example(rng, *self._size)
+    image, label, organelles = _draw_example(rng, *self._size)
     image = np.repeat(image[..., None], self._channels, axis=-1)
+    if self._labels == "multilabel":
+      label = (label + 2 * organelles).astype(np.int32)
     return {"image": image, "label": label}
 
   def __repr__(self) -> str:
     return (
         f"SyntheticEM(num_examples={self._num_examples}, size={self._size}, "
-        f"seed={self._seed}, channels={self._channels})"
+        f"seed={self._seed}, channels={self._channels}"
+        + (f", labels={self._labels!r})" if self._labels != "membrane" else ")")
     )

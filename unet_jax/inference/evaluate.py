@@ -3,22 +3,30 @@
 Each image is predicted whole with overlap-tile (``unet_jax.predict``) and compared with the
 mask of the same file stem (``a.png`` ↔ ``a.png``/``a.tif``/...; the pages of a multi-page
 TIFF pair with the pages of its mask). Totals come from the summed confusion matrix, so they
-are exact over all pixels; the Rand error total is the mean over images. Command line::
+are exact over all pixels; the Rand error total is the mean over images.
 
-  python -m unet_jax.evaluate --checkpoint workdir/ --images val/images --masks val/masks \
-      --output results.json
+Scores follow the model's head (``unet_jax.heads``): a binary (one-channel sigmoid) model is
+scored as background/foreground; a multi-label model per class, against a masks folder with
+one subfolder of binary masks per class (``masks/<class name>/<stem>.png``, class names as
+training logged them, or ``0``, ``1``, ...). Per-class IoU and Dice carry the class names the
+training run logged (``iou_cell``), and ``foreground_dice`` averages the classes after the
+background. Command line::
+
+  python -m unet_jax.evaluate --checkpoint workdir/ --best --images val/images \
+      --masks val/masks --output results.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
 import numpy as np
 
-from unet_jax import metrics
+from unet_jax import heads, metrics
 from unet_jax.inference import images, predict
 
 
@@ -81,6 +89,20 @@ def _some(values) -> str:
   return ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
 
 
+def class_folders(masks: pathlib.Path, class_names: list[str]) -> list[pathlib.Path]:
+  """A multi-label model's masks: one subfolder per class, by name (or index)."""
+  folders = []
+  for index, name in enumerate(class_names):
+    found = [masks / name, masks / str(index)]
+    folder = next((f for f in found if f.is_dir()), None)
+    if folder is None:
+      raise FileNotFoundError(f"a multi-label model needs one folder of binary masks per "
+                              f"class; {masks} has no {name}/ (or {index}/) for class "
+                              f"{index}")
+    folders.append(folder)
+  return folders
+
+
 def find_mask(image: pathlib.Path, masks: pathlib.Path) -> pathlib.Path:
   """The file in ``masks`` with the stem of ``image``."""
   found = [p for p in sorted(masks.glob(f"{image.stem}.*"))
@@ -91,40 +113,81 @@ def find_mask(image: pathlib.Path, masks: pathlib.Path) -> pathlib.Path:
   return found[0]
 
 
-def evaluate_file(model, image_path: pathlib.Path, mask_path: pathlib.Path, *,
+def class_names_for(model, names: tuple[str, ...] | None) -> tuple[str, ...]:
+  """The names of the classes a decision is scored in: the checkpoint's, else numbers."""
+  count = (model.num_classes if heads.is_multilabel(model.activation, model.num_classes)
+           else heads.metric_classes(model.activation, model.num_classes))
+  if names and len(names) == count:
+    return tuple(names)
+  return tuple(str(c) for c in range(count))
+
+
+def evaluate_file(model, image_path: pathlib.Path, mask_path: pathlib.Path | list, *,
                   mask_map: dict[int, int] | None = None, foreground: int = 1,
+                  class_names: tuple[str, ...] | None = None,
                   **options) -> dict[str, tuple[dict[str, float], np.ndarray]]:
-  """``{page name: (metrics, confusion matrix)}`` for every page of an image file."""
-  pages, labels = images.read_image(image_path), images.read_image(mask_path, mask=True)
-  if len(pages) != len(labels):
-    raise ValueError(f"{image_path} has {len(pages)} page(s), its mask {mask_path} "
-                     f"{len(labels)}")
+  """``{page name: (metrics, confusion matrix)}`` for every page of an image file.
+
+  ``mask_path`` is one mask file, or for a multi-label model one binary mask file per class.
+  """
+  multilabel = heads.is_multilabel(model.activation, model.num_classes)
+  names = class_names_for(model, class_names)
+  mask_paths = list(mask_path) if multilabel else [mask_path]
+  pages = images.read_image(image_path)
+  label_pages = [images.read_image(p, mask=True) for p in mask_paths]
+  for path, labels in zip(mask_paths, label_pages):
+    if len(pages) != len(labels):
+      raise ValueError(f"{image_path} has {len(pages)} page(s), its mask {path} {len(labels)}")
   results = {}
-  for name, page, label in zip(images.page_names(image_path.stem, len(pages)), pages, labels):
-    image = images.match_channels(images.to_float(page, name=str(image_path)),
+  for index, name in enumerate(images.page_names(image_path.stem, len(pages))):
+    image = images.match_channels(images.to_float(pages[index], name=str(image_path)),
                                   model.in_channels, name=str(image_path))
-    label = mask_to_classes(label, model.num_classes, mask_map, name=str(mask_path))
-    if label.shape != image.shape[:2]:
-      raise ValueError(f"{mask_path} is {label.shape[0]}×{label.shape[1]} but {image_path} is "
-                       f"{image.shape[0]}×{image.shape[1]}")
-    classes = predict.predict_image(model, image, **options).argmax(axis=-1)
-    confusion = metrics.mask_confusion_matrix(classes, label, num_classes=model.num_classes)
-    scores = metrics.summarize(confusion)
-    scores["rand_error"] = metrics.rand_error(classes, label, foreground=foreground)
+    classes_of = 2 if multilabel else heads.metric_classes(model.activation, model.num_classes)
+    labels = [mask_to_classes(pages_[index], classes_of, mask_map, name=str(path))
+              for path, pages_ in zip(mask_paths, label_pages)]
+    for path, label in zip(mask_paths, labels):
+      if label.shape != image.shape[:2]:
+        raise ValueError(f"{path} is {label.shape[0]}×{label.shape[1]} but {image_path} is "
+                         f"{image.shape[0]}×{image.shape[1]}")
+    decisions = heads.decide(predict.predict_image(model, image, **options), model.activation)
+    if multilabel:
+      confusion = np.stack([metrics.mask_confusion_matrix(decisions[..., c].astype(np.int32),
+                                                          label, num_classes=2)
+                            for c, label in enumerate(labels)])
+      scores = metrics.summarize(confusion, class_names=names)
+    else:
+      confusion = metrics.mask_confusion_matrix(decisions, labels[0], num_classes=classes_of)
+      scores = metrics.summarize(confusion, class_names=names)
+      scores["rand_error"] = metrics.rand_error(decisions, labels[0], foreground=foreground)
     results[name] = scores, confusion
   return results
 
 
-def format_table(rows: dict[str, dict[str, float]], num_classes: int) -> str:
-  """One line per image (and the total): pixel error, IoU per class, mean IoU, mean Dice,
-  Rand error."""
-  columns = (["pixel_error"] + [f"iou_{c}" for c in range(num_classes)]
-             + ["mean_iou", "mean_dice", "rand_error"])
+def columns_for(names: tuple[str, ...], multilabel: bool) -> list[str]:
+  """The table's columns: pixel error, IoU per class, Dice per foreground class, foreground
+  Dice, mean Dice (all classes), and the Rand error (not for multi-label models)."""
+  foreground = names if multilabel else names[1:]
+  columns = (["pixel_error"] + [f"iou_{c}" for c in names] + [f"dice_{c}" for c in foreground]
+             + ["foreground_dice", "mean_dice"])
+  return columns if multilabel else columns + ["rand_error"]
+
+
+def format_table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
+  """One line per image (and the total), a column per entry of ``columns``."""
   width = max([5] + [len(name) for name in rows])
-  lines = [f"{'image':<{width}}  " + "  ".join(f"{c:>11}" for c in columns)]
+  widths = [max(11, len(c)) for c in columns]
+  lines = [f"{'image':<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(columns, widths))]
   for name, scores in rows.items():
-    lines.append(f"{name:<{width}}  " + "  ".join(f"{scores[c]:>11.4f}" for c in columns))
+    lines.append(f"{name:<{width}}  " + "  ".join(
+        f"{scores.get(c, float('nan')):>{w}.4f}" for c, w in zip(columns, widths)))
   return "\n".join(lines)
+
+
+def _printable(text: str, stream=None) -> str:
+  """``text`` as ``stream`` can encode it (file names need not be valid in the locale)."""
+  encoding = getattr(stream or sys.stdout, "encoding", None) or "utf-8"
+  text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+  return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,14 +209,25 @@ def main(argv: list[str] | None = None) -> int:
     image_paths, unsupported = images.list_images(args.images)
     if not masks.is_dir():
       raise FileNotFoundError(f"the masks folder {masks} does not exist")
+    if args.output:
+      _check_output_file(pathlib.Path(args.output))
   except (OSError, ValueError) as error:
     parser.exit(2, f"error: {error}\n")
-  model = predict.load_for_cli(parser, args.checkpoint, cpu_layer=args.cpu_layer)
+  model, loaded = predict.load_for_cli(parser, args.checkpoint, cpu_layer=args.cpu_layer,
+                                       step=args.step, best=args.best)
+  multilabel = heads.is_multilabel(model.activation, model.num_classes)
+  names = class_names_for(model, loaded.class_names)
+  try:
+    per_class = class_folders(masks, list(names)) if multilabel else None
+  except OSError as error:
+    parser.exit(2, f"error: {error}\n")
   failures = {str(p): "unsupported file type" for p in unsupported}
-  rows, total = {}, np.zeros((model.num_classes,) * 2, np.int64)
+  rows, total = {}, None
   for path in image_paths:
     try:
-      results = evaluate_file(model, path, find_mask(path, masks), mask_map=mask_map,
+      mask = ([find_mask(path, folder) for folder in per_class] if multilabel
+              else find_mask(path, masks))
+      results = evaluate_file(model, path, mask, mask_map=mask_map, class_names=names,
                               foreground=args.foreground, tile_size=args.tile_size,
                               batch_size=args.batch_size, overlap=args.overlap, tta=args.tta)
     except Exception as error:  # one bad file must not stop the others
@@ -161,19 +235,36 @@ def main(argv: list[str] | None = None) -> int:
       continue
     for name, (scores, confusion) in results.items():
       rows[name] = scores
-      total += confusion
+      total = confusion.astype(np.int64) if total is None else total + confusion
+  rows_total = {}
   if rows:
-    rand = [s["rand_error"] for s in rows.values() if np.isfinite(s["rand_error"])]
-    rows_total = {**metrics.summarize(total),
-                  "rand_error": float(np.mean(rand)) if rand else float("nan")}
-    print(format_table({**rows, "total": rows_total}, model.num_classes))
-  else:
-    rows_total = {}
-  if args.output:
-    results = {"checkpoint": args.checkpoint, "images": rows, "total": rows_total,
-               "failed": failures}
+    rows_total = metrics.summarize(total, class_names=names)
+    if not multilabel:
+      rand = [s["rand_error"] for s in rows.values() if np.isfinite(s["rand_error"])]
+      rows_total["rand_error"] = float(np.mean(rand)) if rand else float("nan")
+  if args.output:  # written first: nothing printed later can lose it
+    results = {"checkpoint": args.checkpoint, "step": loaded.step, "class_names": list(names),
+               "images": rows, "total": rows_total, "failed": failures}
     pathlib.Path(args.output).write_text(json.dumps(_finite(results), indent=2) + "\n")
-  return predict.report_failures(failures)
+  if rows:
+    table = format_table({**rows, "total": rows_total}, columns_for(names, multilabel))
+    print(_printable(table))
+    print("foreground_dice averages every class" if multilabel else
+          "foreground_dice averages the classes after the background; mean_dice (and "
+          "mean_iou in the JSON) include the background")
+  return predict.report_failures({_printable(k, sys.stderr): v for k, v in failures.items()})
+
+
+def _check_output_file(path: pathlib.Path) -> None:
+  """Fail before any compute if the JSON cannot be written there."""
+  if path.is_dir():
+    raise IsADirectoryError(f"--output {path} is a folder; name a file such as "
+                            f"{path / 'results.json'}")
+  folder = path.parent if str(path.parent) else pathlib.Path(".")
+  if not folder.is_dir():
+    raise FileNotFoundError(f"--output {path}: the folder {folder} does not exist")
+  if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    raise PermissionError(f"--output {path} cannot be written (permission denied)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,15 @@ go through the network in fixed-size batches, and the outputs are stitched back:
 * models with padded convolutions (``'same'`` anywhere, e.g. the walkthrough's decoder) see
   zeros at every tile edge, so their tiles overlap by ``overlap`` and are blended with a
   Gaussian window that trusts each tile's centre most. Extra mirrored context around the image
-  keeps its border pixels away from tile edges too.
+  keeps its border pixels away from tile edges too;
+* models that pad up-sampled maps to their skips (``skip_fit="pad"``, milesial's) take any
+  size, and by default see each image whole in one pass (up to ``WHOLE_IMAGE_LIMIT`` pixels
+  per side), exactly as milesial's own ``predict.py`` does; ``tile_size="image"`` asks for
+  that pass explicitly, for any model that accepts the image's size.
+
+Probabilities and decisions follow the model's head (``unet_jax.heads``): softmax classes, a
+binary sigmoid, or one sigmoid per class (multi-label); test-time augmentation and blending
+average the probabilities of that kind.
 
 All tiles of every image go through one jitted function (``predict_tiles``): it compiles once
 per model, tile size, batch size and device set, never per image. With several devices each
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -33,12 +42,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unet_jax import heads
 from unet_jax.training import parallel
 from unet_jax.geometry import Geometry, crop_offsets
 from unet_jax.inference.images import (IMAGE_SUFFIXES, class_mask, list_images, match_channels,
                              overlay, page_names, read_image, to_float)
 
 DEFAULT_OUTPUT = 388  # the paper's output tile
+WHOLE_IMAGE_LIMIT = 2048  # pad-to-skip models see images up to this size per side whole
+WHOLE = "image"  # tile_size that asks for one pass over the whole image
 # Default tile outputs: a few sizes only, so a folder of odd-sized images compiles few shapes.
 _OUTPUT_LADDER = (64, 128, 256, DEFAULT_OUTPUT)
 
@@ -120,19 +132,20 @@ def _transforms(square: bool) -> list[tuple[int, bool]]:
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("tta",))
 def predict_tiles(graphdef: nnx.GraphDef, state: nnx.State, tiles: jax.Array, *,
                   tta: bool = False) -> jax.Array:
-  """Class probabilities ``[B, h', w', classes]`` for input tiles ``[B, h, w, channels]``.
+  """Probabilities ``[B, h', w', classes]`` for input tiles ``[B, h, w, channels]``, of the
+  model's kind (``unet_jax.heads``: softmax, or sigmoid per channel).
 
   With ``tta`` the probabilities are averaged over the flips and quarter turns of each tile
   (turns only for square tiles), each mapped back before averaging.
   """
   model = nnx.merge(graphdef, state)
   if not tta:
-    return jax.nn.softmax(model(tiles), axis=-1)
+    return heads.probabilities(model(tiles), model.activation)
   total = 0.0
   transforms = _transforms(tiles.shape[1] == tiles.shape[2])
   for turns, flip in transforms:
     x = jnp.rot90(tiles, turns, axes=(1, 2))
-    y = jax.nn.softmax(model(x[:, :, ::-1] if flip else x), axis=-1)
+    y = heads.probabilities(model(x[:, :, ::-1] if flip else x), model.activation)
     total = total + jnp.rot90(y[:, :, ::-1] if flip else y, -turns, axes=(1, 2))
   return total / len(transforms)
 
@@ -148,14 +161,19 @@ def predict_image(model: nnx.Module, image: np.ndarray, *,
                   tile_size: int | Sequence[int] | None = None, batch_size: int = 4,
                   overlap: float = 0.5, tta: bool = False,
                   devices: Sequence[jax.Device] | None = None) -> np.ndarray:
-  """Class probabilities ``[H, W, num_classes]`` (float32) of a U-Net for one image.
+  """Probabilities ``[H, W, num_classes]`` (float32) of a U-Net for one image: softmax
+  class probabilities, or per-channel sigmoids for binary and multi-label models
+  (``unet_jax.heads.decide`` turns them into classes).
 
   Args:
     model: a ``UNet`` (used in eval mode; the model passed in is not changed).
     image: ``[H, W]`` or ``[H, W, in_channels]``, any size ≥ 1×1; uint8 / uint16 are scaled
       to ``[0, 1]``, floats used as they are.
     tile_size: the tile's input size, an int or ``(height, width)``; it must be a valid input
-      size of the model. Default: per axis, a tile whose output covers ``min(size, 388)``.
+      size of the model. ``"image"``: one pass over the whole image, which must then be a
+      valid input size. Default: the whole image for models that pad up-sampled maps to
+      their skips (any size ≤ ``WHOLE_IMAGE_LIMIT`` per side); otherwise per axis, a tile
+      whose output covers ``min(size, 388)``.
     batch_size: tiles per network call, rounded up to a multiple of the device count; the
       last batch is padded, so every call has the same shape.
     overlap: fraction of the output tile shared by neighbouring tiles, for models with
@@ -164,13 +182,25 @@ def predict_image(model: nnx.Module, image: np.ndarray, *,
     devices: devices the batch is split over (default: all local devices).
   """
   image = _check_image(to_float(image), model.in_channels)
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or (
+      batch_size < 1):
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
   geometry = model.geometry
-  tiles_hw = _tile_size(geometry, tile_size, image.shape[:2])
-  plans = [plan_axis(geometry, n, t, overlap=overlap) for n, t in zip(image.shape, tiles_hw)]
   mesh = parallel.make_mesh(list(devices) if devices is not None else jax.local_devices())
-  batch = -(-max(batch_size, 1) // mesh.size) * mesh.size
   graphdef, state = _eval_split(model)
   state = jax.device_put(state, parallel.replicated(mesh))
+  if _whole(geometry, tile_size, image.shape[:2]):
+    try:
+      geometry.check_shape(*image.shape[:2])
+    except ValueError as error:
+      raise ValueError(f"tile_size {WHOLE!r} (the whole image): {error}") from None
+    tiles = np.zeros((mesh.size, *image.shape), np.float32)
+    tiles[0] = image
+    tiles = jax.device_put(tiles, parallel.batch_sharding(mesh))
+    return np.asarray(predict_tiles(graphdef, state, tiles, tta=tta)[0])
+  tiles_hw = _tile_size(geometry, tile_size, image.shape[:2])
+  plans = [plan_axis(geometry, n, t, overlap=overlap) for n, t in zip(image.shape, tiles_hw)]
+  batch = -(-batch_size // mesh.size) * mesh.size
   stitcher = _Stitcher(plans, image.shape[:2], model.num_classes, blend=blends(geometry))
   positions = [(y, x) for y in plans[0].starts for x in plans[1].starts]
   pending = None
@@ -217,6 +247,18 @@ def _eval_split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
   return nnx.split(view)
 
 
+def _whole(geometry: Geometry, tile_size, image_hw) -> bool:
+  """Whether to predict the image in one pass: asked for, or the default for pad-to-skip
+  models on images of at most ``WHOLE_IMAGE_LIMIT`` pixels per side."""
+  if isinstance(tile_size, str):
+    if tile_size != WHOLE:
+      raise ValueError(f"tile_size must be an int, (height, width) or {WHOLE!r}, got "
+                       f"{tile_size!r}")
+    return True
+  return (tile_size is None and geometry.skip_fit == "pad"
+          and max(image_hw) <= WHOLE_IMAGE_LIMIT)
+
+
 def _tile_size(geometry: Geometry, tile_size, image_hw) -> tuple[int, int]:
   if tile_size is None:
     return tuple(default_tile_size(geometry, n) for n in image_hw)
@@ -259,37 +301,93 @@ class _Stitcher:
     return total / self.weight[cy:cy + h, cx:cx + w, None] if self.blend else total
 
 
+def mask_image(classes: np.ndarray, mask_values: Sequence) -> np.ndarray:
+  """A ``[H, W]`` class map written with the mask value of each class, as milesial's
+  ``mask_to_image`` does: ``[0, 1]`` → 0/255, gray values → uint8/uint16, RGB triples → RGB."""
+  values = np.asarray(mask_values)
+  if classes.size and classes.max() >= len(values):
+    raise ValueError(f"class {int(classes.max())} has no mask value: mask_values lists "
+                     f"{len(values)} ({mask_values})")
+  if values.ndim == 1 and set(values.tolist()) <= {0, 1}:
+    values = values * 255
+  dtype = np.uint8 if values.max() <= 255 else np.uint16
+  return values.astype(dtype)[classes]
+
+
+def write_prediction(probabilities: np.ndarray, image: np.ndarray, output: pathlib.Path,
+                     name: str, *, activation: str, class_names: Sequence[str] | None = None,
+                     mask_values: Sequence | None = None, save_probabilities: bool = False
+                     ) -> dict[str, pathlib.Path]:
+  """Write one image's results; returns ``{what: path}``.
+
+  * ``<name>_mask.png``: the class map (0/255 for two classes or a binary model, class ids
+    otherwise, or each class's ``mask_values``); a multi-label model writes
+    ``<name>_mask_<class>.png`` (0/255) per class instead;
+  * ``<name>_overlay.png``: the image with the predicted classes tinted;
+  * ``<name>_probabilities.npy`` with ``save_probabilities``: ``[H, W, C]`` float32, softmax
+    or sigmoid as the model's head.
+  """
+  from PIL import Image
+  num_classes = probabilities.shape[-1]
+  decisions = heads.decide(probabilities, activation)
+  files = {}
+  if decisions.ndim == probabilities.ndim:  # multi-label: one mask per class
+    names = class_names or [str(c) for c in range(num_classes)]
+    for c, class_name in enumerate(names):
+      files[f"mask_{class_name}"] = output / f"{name}_mask_{class_name}.png"
+      Image.fromarray(decisions[..., c].astype(np.uint8) * 255).save(files[f"mask_{class_name}"])
+    shown = heads.pack(decisions)
+  else:
+    files["mask"] = output / f"{name}_mask.png"
+    mask = (mask_image(decisions, mask_values) if mask_values is not None
+            else class_mask(decisions, heads.metric_classes(activation, num_classes)))
+    Image.fromarray(mask).save(files["mask"])
+    shown = decisions
+  files["overlay"] = output / f"{name}_overlay.png"
+  Image.fromarray(overlay(image, shown)).save(files["overlay"])
+  if save_probabilities:
+    files["probabilities"] = output / f"{name}_probabilities.npy"
+    np.save(files["probabilities"], probabilities)
+  return files
+
+
 def predict_file(model: nnx.Module, path: pathlib.Path, output: pathlib.Path, *,
                  name: str | None = None, save_probabilities: bool = False,
+                 class_names: Sequence[str] | None = None, mask_values: Sequence | None = None,
                  **options) -> list[pathlib.Path]:
-  """Predict every page of an image file; write ``<name>_mask.png`` and
-  ``<name>_overlay.png`` (and ``<name>_probabilities.npy``); return the written paths."""
-  from PIL import Image
+  """Predict every page of an image file and write its results (``write_prediction``);
+  return the written paths."""
   pages = read_image(path)
   written = []
   for page, page_name in zip(pages, page_names(name or path.stem, len(pages))):
     image = match_channels(to_float(page, name=str(path)), model.in_channels, name=str(path))
     probabilities = predict_image(model, image, **options)
-    classes = probabilities.argmax(axis=-1)
-    files = {"mask": output / f"{page_name}_mask.png",
-             "overlay": output / f"{page_name}_overlay.png"}
-    Image.fromarray(class_mask(classes, model.num_classes)).save(files["mask"])
-    Image.fromarray(overlay(image, classes)).save(files["overlay"])
-    if save_probabilities:
-      files["probabilities"] = output / f"{page_name}_probabilities.npy"
-      np.save(files["probabilities"], probabilities)
-    written += files.values()
+    written += write_prediction(probabilities, image, output, page_name,
+                                activation=model.activation, class_names=class_names,
+                                mask_values=mask_values,
+                                save_probabilities=save_probabilities).values()
   return written
 
 
 def add_prediction_flags(parser: argparse.ArgumentParser) -> None:
   """The flags shared with ``unet_jax.evaluate``."""
   parser.add_argument("--checkpoint", required=True, help="a training workdir, a converted "
-                      "model directory, or a PyTorch .pth/.pt/.safetensors file")
-  parser.add_argument("--tile-size", type=int, default=None,
-                      help="tile input size in pixels (a valid input size of the model; "
-                      "default: output ≥ min(image, 388) per axis)")
-  parser.add_argument("--batch-size", type=int, default=4, help="tiles per network call")
+                      "model directory, a hub-style folder, or a PyTorch "
+                      ".pth/.pt/.safetensors file")
+  which = parser.add_mutually_exclusive_group()
+  which.add_argument("--step", type=_positive_int, default=None,
+                     help="with a training workdir: the checkpoint of this step (default: "
+                     "the latest)")
+  which.add_argument("--best", action="store_true",
+                     help="with a training workdir: the best checkpoint kept by training, by "
+                     "the run's checkpoint.best_metric")
+  parser.add_argument("--tile-size", type=_tile_size_flag, default=None,
+                      help="tile input size: N, HxW (valid input sizes of the model) or "
+                      f"'{WHOLE}' for one pass over each whole image (default: the whole "
+                      f"image for pad-to-skip models up to {WHOLE_IMAGE_LIMIT} px per side, "
+                      "else tiles whose output covers min(image, 388) per axis)")
+  parser.add_argument("--batch-size", type=_positive_int, default=4,
+                      help="tiles per network call (≥ 1)")
   parser.add_argument("--overlap", type=float, default=0.5,
                       help="tile overlap for models with padded convolutions")
   parser.add_argument("--tta", action="store_true",
@@ -299,24 +397,118 @@ def add_prediction_flags(parser: argparse.ArgumentParser) -> None:
                       "and process settings; auto: on when JAX runs on the CPU")
 
 
-def load_for_cli(parser: argparse.ArgumentParser, checkpoint: str, *, cpu_layer: str = "auto"):
-  """The model of ``--checkpoint``, or exit 2 with a message naming it.
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+  return value
+
+
+def _tile_size_flag(text: str):
+  if text.strip().lower() == WHOLE:
+    return WHOLE
+  try:
+    sizes = [int(part) for part in text.lower().replace("×", "x").split("x")]
+  except ValueError:
+    sizes = []
+  if len(sizes) not in (1, 2) or min(sizes) < 1:
+    raise argparse.ArgumentTypeError(f"expected N, HxW or '{WHOLE}', got {text!r}")
+  return sizes[0] if len(sizes) == 1 else tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """What the command lines know of a checkpoint besides its model."""
+
+  step: int | None
+  class_names: tuple[str, ...] | None
+  mask_values: list | None
+
+
+def describe_checkpoint(path: str | pathlib.Path, config: dict, step: int | None) -> Loaded:
+  """Class names (the training run's ``data.class_names``, or a converted model's
+  ``class_names``) and mask values (a converted milesial checkpoint's) of a checkpoint."""
+  import json
+  path = pathlib.Path(path)
+  names = config.get("class_names")
+  if names is None and (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+    try:
+      names = json.loads((path / "config.json").read_text())["train"]["data"]["class_names"]
+    except (KeyError, TypeError, ValueError):
+      names = None
+  return Loaded(step, tuple(names) if names else None, config.get("mask_values"))
+
+
+def _wrong_path_hint(path: pathlib.Path) -> str:
+  for parent in list(path.parents)[:3]:
+    if (parent / "config.json").is_file() and (parent / "checkpoints").is_dir():
+      return (f" It lies inside the training workdir {parent}: pass that folder as "
+              f"--checkpoint, with --step N or --best to choose a checkpoint.")
+  return (" Pass a training run's workdir (the folder holding config.json and checkpoints/), "
+          "a directory written by python -m unet_jax.convert, or a .pth/.safetensors file.")
+
+
+def load_for_cli(parser: argparse.ArgumentParser, checkpoint: str, *, cpu_layer: str = "auto",
+                 step: int | None = None, best: bool = False):
+  """``(model, Loaded)`` of ``--checkpoint`` (``--step``/``--best`` for a training workdir),
+  or exit 2 with a message naming it.
 
   As an entry point, it applies the CPU layer's process settings first (before JAX starts),
   switches the model to the layer's operations where ``cpu_layer`` asks for them, and reports
   both on stderr.
   """
   from unet_jax import cpu
-  from unet_jax.training.checkpoint import load_model
+  from unet_jax.training.checkpoint import best_step, load_model
   settings = cpu.configure_process(cpu_layer)
+  path = pathlib.Path(checkpoint)
+  is_workdir = (path / "config.json").is_file() and (path / "checkpoints").is_dir()
+  if (step is not None or best) and not is_workdir:
+    parser.exit(2, f"error: --step and --best choose among a training run's checkpoints, but "
+                   f"{checkpoint} is not a training workdir (config.json + checkpoints/)\n")
   try:
-    model = load_model(checkpoint)[0]
+    if best:
+      step = best_step(path)
+    model, config = load_model(checkpoint, step=step)
   except Exception as error:  # loading raises many types for missing or foreign files
+    hint = _wrong_path_hint(path.absolute()) if (
+        path.is_dir() and not is_workdir and "is neither" in str(error)) else ""
     parser.exit(2, f"error: cannot load the checkpoint {checkpoint}: "
-                   f"{type(error).__name__}: {error}\n")
+                   f"{type(error).__name__}: {error}{hint}\n")
+  if is_workdir and step is None:
+    steps = [int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit()]
+    step = max(steps) if steps else None
   ops, why = cpu.select_ops(cpu_layer)
   cpu.report(ops, why, settings)
-  return cpu.enable(model) if ops is cpu.OPS else model
+  if step is not None:
+    print(f"checkpoint: {checkpoint} at step {step}{' (best)' if best else ''}",
+          file=sys.stderr)
+  model = cpu.enable(model) if ops is cpu.OPS else model
+  return model, describe_checkpoint(path, config, step)
+
+
+def prepare_output(parser: argparse.ArgumentParser, output: str) -> pathlib.Path:
+  """The output folder, created and checked writable before any compute; exit 2 if not."""
+  folder = pathlib.Path(output)
+  if folder.exists() and not folder.is_dir():
+    parser.exit(2, f"error: --output {output} exists and is not a folder; name a folder "
+                   f"(it is created if missing)\n")
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".unet-jax-write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as error:
+    parser.exit(2, f"error: cannot write to the output folder {output}: {error}\n")
+  return folder
+
+
+def this_process_share(paths: list) -> list:
+  """The files this process handles when several processes predict together (every
+  ``jax.process_count()``-th, from ``jax.process_index()``): each file is done once."""
+  return paths[jax.process_index()::jax.process_count()]
 
 
 def report_failures(failures: dict[str, str]) -> int:
@@ -333,9 +525,12 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m unet_jax.predict",
       description="Segment images of any size with a U-Net (overlap-tile). Writes "
-      "<stem>_mask.png (0/255 for two classes, class ids otherwise), <stem>_overlay.png and, "
-      "with --save-probabilities, <stem>_probabilities.npy ([H, W, classes] float32). "
-      "Multi-page TIFFs give <stem>_page000_... per page.")
+      "<stem>_mask.png (0/255 for two classes or a binary model, class ids otherwise, or a "
+      "converted milesial model's mask values), <stem>_overlay.png and, with "
+      "--save-probabilities, <stem>_probabilities.npy ([H, W, classes] float32: softmax, or "
+      "sigmoid for binary and multi-label models). A multi-label model writes "
+      "<stem>_mask_<class>.png per class. Multi-page TIFFs give <stem>_page000_... per page. "
+      "With several processes, each predicts its share of the files.")
   add_prediction_flags(parser)
   parser.add_argument("--input", required=True, help="an image file or a folder of images")
   parser.add_argument("--output", required=True, help="folder for the results")
@@ -345,22 +540,26 @@ def main(argv: list[str] | None = None) -> int:
     images, unsupported = list_images(args.input)
   except (OSError, ValueError) as error:
     parser.exit(2, f"error: {error}\n")
-  model = load_for_cli(parser, args.checkpoint, cpu_layer=args.cpu_layer)
-  output = pathlib.Path(args.output)
-  output.mkdir(parents=True, exist_ok=True)
+  output = prepare_output(parser, args.output)
+  model, loaded = load_for_cli(parser, args.checkpoint, cpu_layer=args.cpu_layer,
+                               step=args.step, best=args.best)
   failures = {str(p): f"unsupported file type; supported: {', '.join(IMAGE_SUFFIXES)}"
-              for p in unsupported}
+              for p in this_process_share(unsupported)}
   stems = [p.stem for p in images]
-  for path in tqdm(images, unit="image", disable=None):
+  mine = this_process_share(images)
+  for path in tqdm(mine, unit="image", disable=None):
     name = path.stem if stems.count(path.stem) == 1 else path.name  # a.png and a.tif
     try:
       predict_file(model, path, output, name=name, save_probabilities=args.save_probabilities,
+                   class_names=loaded.class_names, mask_values=loaded.mask_values,
                    tile_size=args.tile_size, batch_size=args.batch_size,
                    overlap=args.overlap, tta=args.tta)
     except Exception as error:  # one bad file must not stop the others
       failures[str(path)] = f"{type(error).__name__}: {error}"
-  print(f"wrote {len(images) + len(unsupported) - len(failures)} of {len(images)} image "
-        f"file(s) to {output}")
+  share = f" (process {jax.process_index()} of {jax.process_count()})" if (
+      jax.process_count() > 1) else ""
+  print(f"wrote {len(mine) - sum(1 for p in mine if str(p) in failures)} of {len(mine)} image "
+        f"file(s) to {output}{share}")
   return report_failures(failures)
 
 

@@ -11,8 +11,11 @@ Layouts (module names in the PyTorch state dict):
 * ``walkthrough``: ``layer1..5`` (``Sequential(conv, bn, relu, conv, bn, relu)``),
   ``decoder4..1.{up, conv_relu}``, ``last``.
 * ``milesial``: ``inc.double_conv``, ``down1..4.maxpool_conv.1.double_conv``,
-  ``up1..4.{up, conv.double_conv}``, ``outc.conv``; ``num_batches_tracked`` and
-  ``mask_values`` are dropped (Flax has no counterpart).
+  ``up1..4.{up, conv.double_conv}``, ``outc.conv``; ``num_batches_tracked`` is dropped, and
+  ``mask_values`` (the mask value of each class) goes to the config, where prediction writes
+  masks with it. The model pads up-sampled maps to their skips as milesial's does
+  (``skip_fit="pad"``), so it takes any image size, and a one-channel head is a binary
+  sigmoid (``activation="sigmoid"``), as milesial trains it.
 
 Command line::
 
@@ -34,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unet_jax import heads
 from unet_jax.interop import pth
 from unet_jax.model import UNet
 
@@ -148,8 +152,10 @@ def infer_config(state_dict: Mapping[str, Any], layout: str) -> dict[str, Any]:
     first, head, norm_key = "inc.double_conv.0", "outc.conv", "inc.double_conv.1.running_mean"
   else:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-  return dict(in_channels=int(shape(f"{first}.weight")[1]),
-              num_classes=int(shape(f"{head}.weight")[0]),
+  num_classes = int(shape(f"{head}.weight")[0])
+  # A one-channel head is binary (milesial trains it with a sigmoid): heads.resolve's default.
+  return dict(in_channels=int(shape(f"{first}.weight")[1]), num_classes=num_classes,
+              activation=heads.resolve(None, num_classes),
               features=[int(f) for f in features], upsample=upsample,
               norm="batch" if norm_key in state_dict else None,
               use_bias=f"{first}.bias" in state_dict, **_LAYOUT_DEFAULTS[layout])

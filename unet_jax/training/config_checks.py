@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from unet_jax.geometry import as_hw
+
 # A rule: whether a value is valid, and what a valid value is (for the message).
 Rule = tuple[Callable[[Any], bool], str]
 
@@ -51,9 +53,13 @@ def optional(rule: Rule, meaning: str) -> Rule:
 
 
 def size() -> Rule:
-  ok = lambda v: (isinstance(v, (tuple, list)) and len(v) == 2
-                  and all(_is_int(n) and n >= 1 for n in v))
-  return ok, "(height, width): two integers ≥ 1"
+  def ok(v) -> bool:
+    try:
+      height, width = as_hw(v)
+    except ValueError:
+      return False
+    return height >= 1 and width >= 1
+  return ok, "(height, width): two integers ≥ 1, or one integer for a square"
 
 
 def widths() -> Rule:
