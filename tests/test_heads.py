@@ -185,11 +185,53 @@ def _config(**overrides):
 @pytest.mark.slow
 def test_multilabel_synthetic_trains(tmp_path):
   """Overlapping classes (cell ⊃ organelle), one sigmoid each, Dice + BCE: 120 steps of a
-  small network reach IoU ≥ 0.85 on cells and ≥ 0.25 on the rare organelles (measured:
-  0.93 and 0.44)."""
+  small network reach IoU ≥ 0.8 on cells and ≥ 0.25 on the rare organelles (2 % of the
+  pixels). Measured: 0.875 and 0.389 (jax 0.10.2, 8 simulated CPU devices)."""
   from unet_jax.training import train_and_evaluate
   final = train_and_evaluate(_config(), str(tmp_path / "run"))
-  assert final["iou_cell"] >= 0.85, final
+  assert final["iou_cell"] >= 0.8, final
   assert final["iou_organelle"] >= 0.25, final
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
   assert any("iou_organelle" in row for row in rows if row["split"] == "train")
+
+
+RELEASES = [  # milesial/Pytorch-UNet's published checkpoints: (name, classes, bilinear, extras)
+    ("v1.0", 1, True, {}),
+    ("v2.0", 2, True, {}),
+    ("v3.0", 2, False, {"mask_values": [0, 1]}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,classes,bilinear,extras", RELEASES)
+def test_milesial_release_shapes_convert_predict_and_export_back(tmp_path, name, classes,
+                                                                 bilinear, extras):
+  """Same-shaped random stand-ins for the released Carvana checkpoints (full width, 3
+  channels in): each converts, predicts a 959×640 photo (scale 0.5 of 1918×1280) as milesial
+  does, and converts back to the very same tensors."""
+  torch = pytest.importorskip("torch", reason="building the stand-ins needs PyTorch")
+  import torch_models
+  torch.manual_seed(0)
+  net = torch_models.Milesial(3, classes, bilinear).eval()
+  state = {**net.state_dict(), **extras}
+  torch.save(state, tmp_path / f"{name}.pth")
+  assert convert.main([str(tmp_path / f"{name}.pth"), str(tmp_path / "flax")]) is None
+  from unet_jax.training.checkpoint import load_model
+  model, config = load_model(tmp_path / "flax")
+  assert config["skip_fit"] == "pad"
+  assert config["activation"] == ("sigmoid" if classes == 1 else "softmax")
+  assert config.get("mask_values") == extras.get("mask_values")
+
+  image = np.random.default_rng(6).random((640, 959, 3)).astype(np.float32)
+  probabilities = predict.predict_image(model, image)
+  assert probabilities.shape == (640, 959, classes)
+  if name == "v1.0":  # the binary one, against milesial's own forward pass
+    with torch.no_grad():
+      logits = net(torch.from_numpy(image.transpose(2, 0, 1)[None].copy()))[0, 0].numpy()
+    clear = np.abs(logits) > 1e-4
+    np.testing.assert_array_equal((probabilities[..., 0] > 0.5)[clear], (logits > 0)[clear])
+
+  back = convert.to_pytorch(model, "milesial")
+  for key, value in net.state_dict().items():
+    if not key.endswith("num_batches_tracked"):
+      np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
