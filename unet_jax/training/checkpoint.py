@@ -201,9 +201,10 @@ class Checkpointer:
 def write_digests(step_dir: pathlib.Path) -> None:
   """Record the SHA-256 of every file of a finished step in ``step_dir/unet_jax_digests.json``
   (written to a temporary name and renamed: the file is whole or absent)."""
-  digests = {path.relative_to(step_dir).as_posix(): _sha256(path)
-             for path in sorted(step_dir.rglob("*")) if path.is_file() and path.name != DIGESTS}
   partial = step_dir / f".{DIGESTS}.partial"
+  digests = {path.relative_to(step_dir).as_posix(): _sha256(path)
+             for path in sorted(step_dir.rglob("*"))
+             if path.is_file() and path.name not in (DIGESTS, partial.name)}
   with open(partial, "w") as file:
     json.dump({"sha256": digests}, file, indent=1)
     file.flush()
@@ -224,7 +225,10 @@ def verify_digests(step_dir: pathlib.Path, step: int, *, advice: str) -> bool:
     return False
   try:
     digests = json.loads(record.read_text())["sha256"]
-  except (OSError, ValueError, KeyError, TypeError) as error:
+    if any(pathlib.PurePosixPath(name).is_absolute() or ".." in name.split("/")
+           for name in digests):
+      raise ValueError("it names files outside the step")
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
     raise DamagedCheckpointError(f"{where} is damaged: its digest file {DIGESTS} cannot be "
                                  f"read ({error}). {advice}".rstrip()) from None
   for name, expected in digests.items():

@@ -100,7 +100,7 @@ def hold_workdir(workdir: str | os.PathLike) -> Iterator[None]:
   if lock is not None:
     try:
       lock.acquire()
-    except WorkdirInUseError as raised:
+    except (WorkdirInUseError, OSError) as raised:  # the other processes must hear of it
       error = raised
   if jax.process_count() > 1:
     import numpy as np
@@ -108,8 +108,8 @@ def hold_workdir(workdir: str | os.PathLike) -> Iterator[None]:
     refused = bool(np.any(multihost_utils.process_allgather(np.array(error is not None))))
     if refused and error is None:
       path = pathlib.Path(workdir).absolute() / LOCK_NAME
-      error = WorkdirInUseError(f"process 0 could not take the lock {path}; its error names "
-                                f"the run that holds the workdir")
+      error = WorkdirInUseError(f"process 0 could not take the lock {path}; its error says "
+                                f"why")
   if error is not None:
     raise error
   try:
