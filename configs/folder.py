@@ -19,6 +19,11 @@ Set for your data:
 * data.folder.ignore_values: mask values that no loss or metric counts (e.g. (255,) for
   VOC-style "void" borders).
 * data.class_names (one per class) and model.num_classes, which must agree with mask_values.
+* multi-label data (classes that overlap): model.activation="sigmoid", and
+  data.folder.class_masks=('cell','organelle'), one folder of binary masks per class:
+  DIR/masks/cell/NAME.png, DIR/masks/organelle/NAME.png (see unet_jax/data/folder.py).
+* a binary model with one output channel: model.num_classes=1 (a sigmoid head, trained with
+  BCE or BCE + Dice); its masks are 0/255 or 0/1, read with mask_values=(0, 255) or (0, 1).
 * data.channels and model.in_channels: 1 for grey, 3 for colour images.
 * validation: a fraction of the pairs (data.folder.val_fraction, a fixed split_seed) or a
   second folder with the same layout (data.folder.val_dir).
@@ -45,6 +50,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.dropout = 0.0
   config.model.remat = False
   config.model.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters
+  # None: softmax; "sigmoid" for a binary (num_classes=1) or multi-label model (unet_jax.heads)
+  config.model.activation = ml_collections.config_dict.placeholder(str)
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "folder"
@@ -53,6 +60,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       images="images", masks="masks",
       mask_suffix="",         # e.g. "_mask" when a.png's mask is a_mask.png
       mask_values=(0, 255),   # entry k: the mask value(s) of class k
+      class_masks=(),         # multi-label: class names, one mask folder DIR/masks/<class> each
       ignore_values=(),       # mask values that become IGNORE
       val_dir="",             # a separate validation folder; "" = hold out val_fraction
       val_fraction=0.2,

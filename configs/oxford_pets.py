@@ -45,6 +45,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.dropout = 0.0
   config.model.remat = False
   config.model.dtype = "float32"  # "bfloat16" on GPUs and TPUs
+  # None: softmax; "sigmoid" for a binary (num_classes=1) or multi-label model (unet_jax.heads)
+  config.model.activation = ml_collections.config_dict.placeholder(str)
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "tfds"

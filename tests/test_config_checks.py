@@ -13,7 +13,7 @@ from unet_jax.training.config_checks import check_config
 
 ROOT = pathlib.Path(__file__).parents[1]
 # Every file in configs/ with its variants; a new config file must be added here.
-VARIANTS = {"default.py": ["", "tiny"], "folder.py": ["", "tiny"],
+VARIANTS = {"default.py": ["", "tiny", "multilabel"], "folder.py": ["", "tiny"],
             "isbi2012.py": ["", "small", "tiny", "small,tiny"], "oxford_pets.py": ["", "tiny"]}
 
 
@@ -62,7 +62,7 @@ def test_the_shipped_configs_pass(file, variant):
     ("optimizer.grad_clip_norm", -1.0, "a finite number ≥ 0, or None"),
     ("loss.dice_weight", -1.0, "a finite number ≥ 0"),
     ("data.tile_size", (0, 32), "(height, width): two integers ≥ 1"),
-    ("data.tile_size", (32,), "(height, width): two integers ≥ 1"),
+    ("data.tile_size", (32, 32, 3), "(height, width): two integers ≥ 1"),
     ("data.image_size", (32, -32), "(height, width): two integers ≥ 1"),
     ("data.num_val", 0, "an integer ≥ 1"),
     ("data.prefetch", -1, "an integer ≥ 0"),
@@ -138,3 +138,11 @@ def test_train_py_reports_bad_values_without_a_traceback(tmp_path):
   assert "--config.optimizer.learning_rate is -0.001; it must be a finite number > 0" in (
       result.stderr)
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", [32, (32,), [32]])
+def test_one_integer_is_a_square_size(value):
+  """``--config.data.tile_size=32`` reaches the config as ``(32,)``: a square."""
+  from unet_jax.geometry import as_hw
+  check_config(tiny_config(**{"data.tile_size": value}))
+  assert as_hw(value) == (32, 32)

@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -235,3 +236,47 @@ def test_milesial_release_shapes_convert_predict_and_export_back(tmp_path, name,
   for key, value in net.state_dict().items():
     if not key.endswith("num_batches_tracked"):
       np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
+
+
+def test_folder_source_reads_one_mask_folder_per_class(tmp_path):
+  from unet_jax.data import folder
+  rng = np.random.default_rng(7)
+  for sub in ("images", "masks/cell", "masks/organelle"):
+    (tmp_path / sub).mkdir(parents=True)
+  cell = rng.random((12, 10)) > 0.4
+  organelle = cell & (rng.random((12, 10)) > 0.6)
+  for stem in ("a", "b"):
+    Image.fromarray((rng.random((12, 10)) * 255).astype(np.uint8)).save(
+        tmp_path / "images" / f"{stem}.png")
+    Image.fromarray(cell.astype(np.uint8) * 255).save(tmp_path / "masks/cell" / f"{stem}.png")
+    organelle_mask = organelle.astype(np.uint8) * 255
+    organelle_mask[0, 0] = 7  # an ignore value
+    Image.fromarray(organelle_mask).save(tmp_path / "masks/organelle" / f"{stem}.png")
+  config = ml_collections.ConfigDict(dict(
+      dir=str(tmp_path), images="images", masks="masks", mask_suffix="", mask_values=(0, 255),
+      ignore_values=(7,), val_dir=str(tmp_path), val_fraction=0.5, split_seed=0,
+      class_masks=("cell", "organelle")))
+  source = folder.from_config(config, "train", channels=1)
+  label = source[0]["label"]
+  expected = heads.pack(np.stack([cell, organelle], -1))
+  expected[0, 0] = -1
+  np.testing.assert_array_equal(label, expected)
+
+
+def test_config_checks_know_the_heads():
+  from unet_jax.training.config_checks import check_config
+  config = default.get_config("multilabel")
+  check_config(config)
+  config.data.weight_map.enabled = True
+  with pytest.raises(ValueError, match="not defined for multi-label"):
+    check_config(config)
+  binary = default.get_config()
+  binary.model.num_classes = 1
+  binary.data.class_names = ("cell",)
+  with pytest.raises(ValueError, match="scored as two classes"):
+    check_config(binary)
+  binary.data.class_names = ("membrane", "cell")
+  check_config(binary)
+  binary.model.activation = "relu"
+  with pytest.raises(ValueError, match="model.activation"):
+    check_config(binary)

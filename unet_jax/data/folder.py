@@ -8,6 +8,14 @@ binary, palette indices or integer classes, mapped to classes by ``data.folder.m
 (entry ``k``: the value, or a tuple of values, of class ``k``) and ``ignore_values`` (→
 ``IGNORE``).
 
+Multi-label data (a model with ``activation="sigmoid"`` and several classes, whose classes
+may overlap): set ``data.folder.class_masks`` to the class names; each class then has a folder
+of binary masks, ``DIR/masks/<class>/NAME.ext`` (nonzero = the pixel belongs to the class;
+``ignore_values`` still mark pixels no loss counts), and the labels hold the classes of a pixel
+as bits (``unet_jax.heads.pack``)::
+
+  DIR/images/a.png   DIR/masks/cell/a.png   DIR/masks/organelle/a.png
+
 Validation is either a separate folder of the same layout (``data.folder.val_dir``) or a
 fraction of the stems (``val_fraction``): the stems are sorted, shuffled with a fixed seed
 (``split_seed``) and the last ``round(fraction · n)`` are held out, so the split does not
@@ -21,6 +29,7 @@ directories, other file types) and one warning line says which and why.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import warnings
@@ -29,6 +38,7 @@ from collections.abc import Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from unet_jax import heads
 from unet_jax.data import decode, listing
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
@@ -87,13 +97,26 @@ def _by_stem(found: listing.Listing) -> dict[str, pathlib.Path]:
   return by_stem
 
 
+def find_class_pairs(directory: str | os.PathLike, classes: Sequence[str], *,
+                     images: str = "images", masks: str = "masks", mask_suffix: str = ""
+                     ) -> list[tuple[pathlib.Path, tuple[pathlib.Path, ...]]]:
+  """``(image, (mask of class 0, mask of class 1, ...))`` of a multi-label ``directory``
+  (``DIR/masks/<class>/``), sorted by stem; the errors of :func:`find_pairs`, per class."""
+  per_class = [find_pairs(directory, images=images, masks=f"{masks}/{name}",
+                          mask_suffix=mask_suffix) for name in classes]
+  return [(pairs[0][0], tuple(mask for _, mask in pairs)) for pairs in zip(*per_class)]
+
+
 class FolderSource:
   """Random-access ``{"image": float32 [H, W, C], "label": int32 [H, W]}`` from file pairs.
 
   Args:
-    pairs: ``(image path, mask path)`` for each example, e.g. from :func:`find_pairs`.
+    pairs: ``(image path, mask path)`` for each example, e.g. from :func:`find_pairs`; for
+      multi-label data ``(image path, (mask path per class))`` (:func:`find_class_pairs`).
     channels: image channels to return.
-    table: mask value → class (or ``IGNORE``), from :func:`decode.class_table`.
+    table: mask value → class (or ``IGNORE``), from :func:`decode.class_table`; with one
+      mask per class, only its ``IGNORE`` entries are used (any other nonzero value means
+      "in the class").
   """
 
   def __init__(self, pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], *, channels: int,
@@ -108,10 +131,26 @@ class FolderSource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     image_path, mask_path = self.pairs[index]
     image = decode.to_image(decode.read_file(image_path), self.channels, name=str(image_path))
+    if isinstance(mask_path, tuple):
+      return {"image": image, "label": self._class_masks(image, image_path, mask_path)}
     label = decode.to_label(decode.read_file(mask_path, mask=True), self.table,
                             name=str(mask_path))
     decode.check_same_size(image, label, name=f"{image_path} / {mask_path.name}")
     return {"image": image, "label": label}
+
+  def _class_masks(self, image, image_path, mask_paths) -> np.ndarray:
+    ignored = [value for value, label in self.table.items() if label == decode.IGNORE]
+    members, ignore = [], None
+    for path in mask_paths:
+      mask = decode.read_file(path, mask=True)
+      mask = mask[..., 0] if mask.ndim == 3 else mask
+      decode.check_same_size(image, mask, name=f"{image_path} / {path.name}")
+      skip = np.isin(mask, ignored)
+      ignore = skip if ignore is None else ignore | skip
+      members.append((mask != 0) & ~skip)
+    label = heads.pack(np.stack(members, axis=-1))
+    label[ignore] = decode.IGNORE
+    return label
 
   def __repr__(self) -> str:
     return f"FolderSource({len(self.pairs)} pairs, channels={self.channels})"
@@ -139,10 +178,12 @@ def from_config(config: ml_collections.ConfigDict, split: str, *, channels: int)
   if not config.dir:
     raise ValueError("data.folder.dir is empty: set it to a folder holding images/ and masks/")
   layout = dict(images=config.images, masks=config.masks, mask_suffix=config.mask_suffix)
+  classes = tuple(config.get("class_masks") or ())
+  find = (functools.partial(find_class_pairs, classes=classes) if classes else find_pairs)
   if config.val_dir:
-    pairs = find_pairs(config.dir if split == "train" else config.val_dir, **layout)
+    pairs = find(config.dir if split == "train" else config.val_dir, **layout)
   else:
-    pairs = split_pairs(find_pairs(config.dir, **layout), split,
+    pairs = split_pairs(find(config.dir, **layout), split,
                         val_fraction=config.val_fraction, seed=config.split_seed)
   return FolderSource(pairs, channels=channels,
                       table=decode.class_table(config.mask_values, config.ignore_values))

@@ -81,6 +81,8 @@ RULES: dict[str, Rule] = {
     "checkpoint.max_to_keep": integer(1),
     "checkpoint.keep_best": integer(0),
     "checkpoint.best_mode": one_of("max", "min"),
+    "model.activation": optional(one_of("softmax", "sigmoid"),
+                                 "sigmoid for one class, softmax otherwise"),
     "checkpoint.restore_step": optional(integer(0), "resume from the latest checkpoint"),
     "optimizer.learning_rate": number(0, open_low=True),
     "optimizer.warmup_steps": integer(0),
@@ -138,6 +140,23 @@ def _agreement(config: ml_collections.ConfigDict, num_devices: int | None) -> li
   if names and _is_int(classes) and classes >= 2 and len(names) != classes:
     problems.append(f"--config.data.class_names has {len(names)} name(s) {tuple(names)} but "
                     f"--config.model.num_classes is {classes}; give one name per class")
+  activation = config.get("model", {}).get("activation")
+  if names and classes == 1 and len(names) != 2:
+    problems.append(f"--config.data.class_names has {len(names)} name(s) {tuple(names)}; a "
+                    f"binary model (--config.model.num_classes=1) is scored as two classes: "
+                    f"give two names, background first")
+  multilabel = activation == "sigmoid" and _is_int(classes) and classes >= 2
+  class_masks = tuple(data.get("folder", {}).get("class_masks") or ())
+  if class_masks and data.get("source") == "folder" and not (
+      multilabel and len(class_masks) == classes):
+    problems.append(f"--config.data.folder.class_masks lists {len(class_masks)} class mask "
+                    f"folder(s), which is multi-label data: it needs "
+                    f"--config.model.activation=sigmoid and --config.model.num_classes="
+                    f"{len(class_masks)} (got {activation!r} and {classes!r})")
+  if multilabel and data.get("weight_map", {}).get("enabled"):
+    problems.append("--config.data.weight_map.enabled: the border weight map separates "
+                    "touching objects of one class; it is not defined for multi-label "
+                    "models (--config.model.activation=sigmoid with several classes)")
   in_channels = config.get("model", {}).get("in_channels")
   if "channels" in data and in_channels is not None and data.channels != in_channels:
     problems.append(f"--config.data.channels is {data.channels!r}: the data has "
