@@ -132,7 +132,8 @@ def manifest(model, *, fmt: str, files: dict[str, str], class_names: Sequence[st
              opset: int | None = None) -> dict[str, Any]:
   """What a caller of the exported model needs to know, as JSON."""
   names = list(class_names) if class_names else (
-      ["background", "foreground"] if model.num_classes == 2
+      ["background", "foreground"] if model.num_classes == 2 or (
+          model.num_classes == 1 and model.activation == "sigmoid")
       else [f"class_{k}" for k in range(model.num_classes)])
   m = 2**model.geometry.depth
   sizes = (f"any multiple of {m} (height and width independently)" if symbolic
@@ -149,12 +150,22 @@ def manifest(model, *, fmt: str, files: dict[str, str], class_names: Sequence[st
                            "are; grey images as one channel, colour as RGB"},
       "output": {"name": "logits", "layout": "NHWC", "dtype": "float32",
                  "classes": model.num_classes, "class_names": names,
-                 "head": "softmax over the last axis; the class is the argmax",
+                 "activation": model.activation, "head": _head_text(model),
                  "size": "smaller than the input for unpadded convolutions: "
                          "see unet_jax.geometry, or run a probe image"},
       "model": config,
       "versions": {"jax": jax.__version__, "unet_jax": _version()},
   }
+
+
+def _head_text(model) -> str:
+  if model.activation == "softmax":
+    return "softmax over the last axis; the class is the argmax"
+  if model.num_classes == 1:
+    return ("binary: sigmoid of the one channel is the foreground probability; foreground "
+            "where it exceeds 0.5 (the logit exceeds 0)")
+  return ("multi-label: a sigmoid per channel; a pixel belongs to class c where channel c's "
+          "probability exceeds 0.5")
 
 
 def _version() -> str:
