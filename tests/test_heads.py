@@ -280,3 +280,35 @@ def test_config_checks_know_the_heads():
   binary.model.activation = "relu"
   with pytest.raises(ValueError, match="model.activation"):
     check_config(binary)
+
+
+def test_predict_and_evaluate_choose_a_step_and_stay_quiet(tmp_path, capfd):
+  """--step and --best pick among a run's checkpoints; a healthy checkpoint loads without
+  warnings; something inside a workdir is answered with the workdir to pass."""
+  from unet_jax.training import train_and_evaluate
+  config = default.get_config("tiny")
+  workdir = tmp_path / "run"
+  train_and_evaluate(config, str(workdir))
+  for folder in ("images", "masks"):
+    (tmp_path / folder).mkdir()
+  image = (np.random.default_rng(8).random((32, 32)) * 255).astype(np.uint8)
+  Image.fromarray(image).save(tmp_path / "images" / "a.png")
+  Image.fromarray((image > 128).astype(np.uint8) * 255).save(tmp_path / "masks" / "a.png")
+  capfd.readouterr()
+  common = ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
+            "--cpu-layer", "off"]
+  assert evaluate.main(["--checkpoint", str(workdir), "--step", "2", *common]) == 0
+  out, err = capfd.readouterr()
+  assert "at step 2" in err and "iou_membrane" in out and "dice_cell" in out
+  assert "WARNING" not in err and "Metadata file does not exist" not in err
+  assert evaluate.main(["--checkpoint", str(workdir), "--best", *common]) == 0
+  assert "(best)" in capfd.readouterr().err
+  with pytest.raises(SystemExit) as exit_info:
+    predict.main(["--checkpoint", str(workdir / "checkpoints" / "4"), "--input",
+                  str(tmp_path / "images"), "--output", str(tmp_path / "out")])
+  assert exit_info.value.code == 2
+  assert f"inside the training workdir {workdir}" in capfd.readouterr().err
+  with pytest.raises(SystemExit):
+    predict.main(["--checkpoint", str(workdir), "--step", "3", "--input",
+                  str(tmp_path / "images"), "--output", str(tmp_path / "out")])
+  assert "at step 3" in capfd.readouterr().err

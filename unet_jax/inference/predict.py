@@ -473,8 +473,7 @@ def load_for_cli(parser: argparse.ArgumentParser, checkpoint: str, *, cpu_layer:
       step = best_step(path)
     model, config = load_model(checkpoint, step=step)
   except Exception as error:  # loading raises many types for missing or foreign files
-    hint = _wrong_path_hint(path.absolute()) if (
-        path.is_dir() and not is_workdir and "is neither" in str(error)) else ""
+    hint = _wrong_path_hint(path.absolute()) if path.is_dir() and not is_workdir else ""
     parser.exit(2, f"error: cannot load the checkpoint {checkpoint}: "
                    f"{type(error).__name__}: {error}{hint}\n")
   if is_workdir and step is None:

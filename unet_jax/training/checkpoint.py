@@ -13,6 +13,7 @@ the two writes) still loads, with a notice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -387,11 +388,33 @@ def read_tree(directory: str | os.PathLike) -> Any:
   """Every array of an orbax item directory, on this process's first device, whatever the
   device topology it was saved from (8 GPUs, 2 hosts, ...)."""
   checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(directory)
-  tree = getattr(metadata, "item_metadata", metadata)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  return checkpointer.restore(directory, target)
+  # An item of a step written by a composite checkpoint has no step metadata of its own, and
+  # orbax warns about that on every read of a healthy checkpoint; only that warning is dropped.
+  with _without_absl_warning("Metadata file does not exist"):
+    metadata = checkpointer.metadata(directory)
+    tree = getattr(metadata, "item_metadata", metadata)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          tree)
+    return checkpointer.restore(directory, target)
+
+
+@contextlib.contextmanager
+def _without_absl_warning(prefix: str):
+  """Drop absl log records that start with ``prefix`` while the block runs."""
+  import logging
+
+  class Drop(logging.Filter):
+    def filter(self, record):
+      return not str(record.getMessage()).startswith(prefix)
+
+  target = logging.getLogger("absl")
+  drop = Drop()
+  target.addFilter(drop)
+  try:
+    yield
+  finally:
+    target.removeFilter(drop)
 
 
 def _fill(target: dict, saved: dict) -> None:
