@@ -42,6 +42,11 @@ def main(argv):
   except ValueError as error:
     sys.exit(f"error: {error}")
   settings = cpu.configure_process(flags.FLAGS.cpu_layer)  # before JAX starts a backend
+  max_pixels = flags.FLAGS.config.data.get("max_pixels")
+  if max_pixels is not None:  # a process-wide reader setting: entry points own those
+    from unet_jax.data import decode
+    decode.set_max_pixels(max_pixels)
+    print(f"images over {max_pixels:,} pixels are refused (data.max_pixels)", file=sys.stderr)
   if flags.FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", flags.FLAGS.compilation_cache)
   distributed.initialize_from_flags()

@@ -69,6 +69,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.channels = 3
   config.data.class_names = ("background", "foreground")
   config.data.tile_size = (256, 256)
+  # Images over this many pixels are refused before decoding; None: 178,956,970 (Pillow's).
+  config.data.max_pixels = ml_collections.config_dict.placeholder(int)
   config.data.augment = ml_collections.ConfigDict(dict(
       flip=True, rotate=True, shift=16, elastic=True, elastic_sigma=10.0, elastic_grid=3,
       brightness=0.1, contrast=0.1))

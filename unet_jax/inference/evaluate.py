@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
   except (OSError, ValueError) as error:
     parser.exit(2, f"error: {error}\n")
   model, loaded = predict.load_for_cli(parser, args.checkpoint, cpu_layer=args.cpu_layer,
-                                       step=args.step, best=args.best)
+                                       step=args.step, best=args.best,
+                                       allow_nonfinite=args.allow_nonfinite,
+                                       max_pixels=args.max_pixels)
   multilabel = heads.is_multilabel(model.activation, model.num_classes)
   names = class_names_for(model, loaded.class_names)
   try:

@@ -392,6 +392,12 @@ def add_prediction_flags(parser: argparse.ArgumentParser) -> None:
                       help="tile overlap for models with padded convolutions")
   parser.add_argument("--tta", action="store_true",
                       help="average over flips (and quarter turns for square tiles)")
+  parser.add_argument("--allow-nonfinite", action="store_true",
+                      help="load a checkpoint whose weights hold NaN or infinity (refused by "
+                      "default: such a model predicts nothing useful)")
+  parser.add_argument("--max-pixels", type=_positive_int, default=None,
+                      help="refuse images larger than this many pixels, read from the file "
+                      "header before decoding (default: 178,956,970, Pillow's limit)")
   parser.add_argument("--cpu-layer", "--cpu_layer", choices=("auto", "on", "off"),
                       default="auto", help="the CPU layer (unet_jax.cpu): faster operations "
                       "and process settings; auto: on when JAX runs on the CPU")
@@ -452,7 +458,8 @@ def _wrong_path_hint(path: pathlib.Path) -> str:
 
 
 def load_for_cli(parser: argparse.ArgumentParser, checkpoint: str, *, cpu_layer: str = "auto",
-                 step: int | None = None, best: bool = False):
+                 step: int | None = None, best: bool = False, allow_nonfinite: bool = False,
+                 max_pixels: int | None = None):
   """``(model, Loaded)`` of ``--checkpoint`` (``--step``/``--best`` for a training workdir),
   or exit 2 with a message naming it.
 
@@ -463,6 +470,9 @@ def load_for_cli(parser: argparse.ArgumentParser, checkpoint: str, *, cpu_layer:
   from unet_jax import cpu
   from unet_jax.training.checkpoint import best_step, load_model
   settings = cpu.configure_process(cpu_layer)
+  if max_pixels is not None:
+    from unet_jax.data import decode
+    decode.set_max_pixels(max_pixels)
   path = pathlib.Path(checkpoint)
   is_workdir = (path / "config.json").is_file() and (path / "checkpoints").is_dir()
   if (step is not None or best) and not is_workdir:
@@ -471,7 +481,7 @@ def load_for_cli(parser: argparse.ArgumentParser, checkpoint: str, *, cpu_layer:
   try:
     if best:
       step = best_step(path)
-    model, config = load_model(checkpoint, step=step)
+    model, config = load_model(checkpoint, step=step, allow_nonfinite=allow_nonfinite)
   except Exception as error:  # loading raises many types for missing or foreign files
     hint = _wrong_path_hint(path.absolute()) if path.is_dir() and not is_workdir else ""
     parser.exit(2, f"error: cannot load the checkpoint {checkpoint}: "
@@ -541,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.exit(2, f"error: {error}\n")
   output = prepare_output(parser, args.output)
   model, loaded = load_for_cli(parser, args.checkpoint, cpu_layer=args.cpu_layer,
-                               step=args.step, best=args.best)
+                               step=args.step, best=args.best,
+                               allow_nonfinite=args.allow_nonfinite, max_pixels=args.max_pixels)
   failures = {str(p): f"unsupported file type; supported: {', '.join(IMAGE_SUFFIXES)}"
               for p in this_process_share(unsupported)}
   stems = [p.stem for p in images]

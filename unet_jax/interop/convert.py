@@ -237,10 +237,12 @@ def to_pytorch(model: UNet, layout: str) -> dict[str, np.ndarray]:
 
 
 def load_pytorch(path: str | os.PathLike, *, layout: str | None = None,
-                 allow_nonfinite: bool = False, **overrides) -> tuple[UNet, dict[str, Any]]:
+                 allow_nonfinite: bool = False, max_bytes: int | None = None,
+                 **overrides) -> tuple[UNet, dict[str, Any]]:
   """Read a ``.pth``/``.pt``/``.safetensors`` file and return ``(model, config)``; tensors
-  holding NaN or infinity are refused unless ``allow_nonfinite``."""
-  return from_pytorch(pth.load_state_dict(path), layout=layout,
+  holding NaN or infinity are refused unless ``allow_nonfinite``, and a file that would put
+  more than ``max_bytes`` in memory (default: 64× its size) is refused before reading it."""
+  return from_pytorch(pth.load_state_dict(path, max_bytes=max_bytes), layout=layout,
                       allow_nonfinite=allow_nonfinite, **overrides)
 
 
@@ -335,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
                       "installed) from a converted Flax model")
   parser.add_argument("--allow-nonfinite", action="store_true",
                       help="convert weights that hold NaN or infinity (refused by default)")
+  parser.add_argument("--max-bytes", type=int, default=None,
+                      help="memory a .pth file may expand to (default: 64x its size; stride-0 "
+                      "views and compressed storages beyond it are refused)")
   args = parser.parse_args(argv)
   try:
     if args.to_pytorch:
@@ -353,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
       print(f"wrote {', '.join(map(str, written))} ({layout} layout)")
     else:
       model, config = load_pytorch(args.input, layout=args.layout,
-                                   allow_nonfinite=args.allow_nonfinite)
+                                   allow_nonfinite=args.allow_nonfinite,
+                                   max_bytes=args.max_bytes)
       save_flax(model, config, args.output_dir)
       n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
       print(f"converted {args.input} ({config['layout']} layout, {n:,} parameters, "

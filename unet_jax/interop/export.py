@@ -255,11 +255,14 @@ def main(argv: list[str] | None = None) -> int:
                       "default: symbolic for padded models, 572x572 (or the nearest valid) "
                       "otherwise, and always fixed for ONNX")
   parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset")
+  parser.add_argument("--allow-nonfinite", action="store_true",
+                      help="export weights that hold NaN or infinity (refused by default)")
   args = parser.parse_args(argv)
   from unet_jax.training.checkpoint import best_step, load_model
   try:
     step = best_step(args.checkpoint) if args.best else args.step
-    model, config = load_model(args.checkpoint, step=step)
+    model, config = load_model(args.checkpoint, step=step,
+                               allow_nonfinite=args.allow_nonfinite)
   except Exception as error:  # loading raises many types for missing or foreign files
     parser.exit(2, f"error: cannot load the checkpoint {args.checkpoint}: "
                    f"{type(error).__name__}: {error}\n")

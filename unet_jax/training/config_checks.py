@@ -81,6 +81,7 @@ RULES: dict[str, Rule] = {
     "checkpoint.max_to_keep": integer(1),
     "checkpoint.keep_best": integer(0),
     "checkpoint.best_mode": one_of("max", "min"),
+    "data.max_pixels": optional(integer(1), "178,956,970, Pillow's limit"),
     "model.activation": optional(one_of("softmax", "sigmoid"),
                                  "sigmoid for one class, softmax otherwise"),
     "checkpoint.restore_step": optional(integer(0), "resume from the latest checkpoint"),
