@@ -1,12 +1,21 @@
-"""Evaluate a trained ISBI 2012 run on its hold-out slices and draw the report's figures.
+"""Score a trained ISBI 2012 run on its hold-out slices, both ways, and draw the report's figures.
 
   python docs/make_results.py --workdir runs/isbi2012_small --data-dir DIR --out docs/figures
 
 Predicts every hold-out slice (25–29 unless the run's config says otherwise) whole, with the
-overlap-tile strategy, and prints the pixel error, the foreground-restricted Rand error and
-the membrane IoU over the hold-out (a markdown table), and writes two PNGs: the training
-curves from ``metrics.jsonl`` and a corner of two hold-out slices (image | label | prediction).
-Drawing needs matplotlib: ``pip install -e ".[docs]"``.
+overlap-tile strategy, and prints two markdown tables:
+
+- the scores of the argmax decision: pixel error (1 − accuracy), the foreground-restricted Rand
+  error of the 4-connected cells, membrane IoU;
+- the scores as the ISBI 2012 challenge computes them from the membrane probability
+  (``unet_jax.metrics.challenge_scores``): pixel error and Rand error as 1 − the maximal
+  F-score over thresholds 0.0, 0.1, …, 1.0, V_rand and V_info after border thinning, and the
+  splits-and-mergers warping error, each with the threshold that reached it; then the figures
+  at every threshold.
+
+It also writes two PNGs: the training curves from ``metrics.jsonl`` and a corner of two
+hold-out slices (image | label | prediction). Drawing needs matplotlib:
+``pip install -e ".[docs]"``.
 """
 
 import argparse
@@ -24,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from unet_jax import metrics  # noqa: E402
+from unet_jax import metrics, warping  # noqa: E402
 from unet_jax.training.checkpoint import load_model  # noqa: E402
 from unet_jax.data import isbi2012  # noqa: E402
 from unet_jax.inference.predict import predict_image  # noqa: E402
@@ -47,6 +56,45 @@ def curves(workdir: pathlib.Path, out: pathlib.Path) -> None:
   fig.savefig(out / "isbi2012_curves.png", dpi=110)
 
 
+def argmax_table(probabilities: np.ndarray, labels: np.ndarray) -> str:
+  """The scores of the argmax decision, as the report gave them before."""
+  predicted = probabilities.argmax(-1)
+  confusion = sum(metrics.mask_confusion_matrix(p, l, num_classes=2)
+                  for p, l in zip(predicted, labels))
+  summary = metrics.summarize(confusion, class_names=("membrane", "cell"))
+  rand = np.nanmean([metrics.rand_error(p, l) for p, l in zip(predicted, labels)])
+  return ("| pixel error (1 − accuracy) | Rand error | membrane IoU |\n| --- | --- | --- |\n"
+          f"| {summary['pixel_error']:.4f} | {rand:.4f} | {summary['iou_membrane']:.4f} |")
+
+
+def challenge_tables(membrane: np.ndarray, labels: np.ndarray) -> str:
+  """The challenge's scores with the thresholds that reached them, then every threshold."""
+  scores = metrics.challenge_scores(membrane, labels)
+  reached = [f"{scores[name]:.{digits}f} (t = {scores[threshold]:.1f})"
+             for name, threshold, digits in (
+                 ("pixel_error", "pixel_threshold", 4), ("rand_error", "rand_threshold", 4),
+                 ("warping_error", "warping_threshold", 6),
+                 ("v_rand_thinned", "v_rand_threshold", 4),
+                 ("v_info_thinned", "v_info_threshold", 4))]
+  sweep = metrics.challenge_sweep(membrane, labels)
+  thresholds = sweep["thresholds"]
+  warping_errors = dict(zip(thresholds[1:], warping.warping_errors(
+      membrane, labels, thresholds=thresholds[1:])))  # at t = 0 no pixel is a cell
+  lines = ["| pixel error | Rand error | warping error | V_rand (thinned) | V_info (thinned) |",
+           "| --- | --- | --- | --- | --- |",
+           "| " + " | ".join(reached) + " |",
+           "",
+           "| t | 1 − pixel F-score | 1 − Rand F-score | warping error | V_rand (thinned) "
+           "| V_info (thinned) |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  for i, threshold in enumerate(thresholds):
+    warping_error = f"{warping_errors[threshold]:.6f}" if threshold in warping_errors else "—"
+    lines.append(f"| {threshold:.1f} | {1 - sweep['pixel_f_score'][i]:.4f} | "
+                 f"{1 - sweep['rand_f_score'][i]:.4f} | {warping_error} | "
+                 f"{sweep['v_rand_thinned'][i]:.4f} | {sweep['v_info_thinned'][i]:.4f} |")
+  return "\n".join(lines)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
@@ -60,23 +108,23 @@ def main() -> None:
   section.dir = args.data_dir
   holdout = isbi2012.from_config(section, "validation", channels=1)
 
-  confusion, rand, panels = np.zeros((2, 2), np.int64), [], []
   start = time.perf_counter()
-  for index in range(len(holdout)):
-    example = holdout[index]
-    predicted = predict_image(model, example["image"]).argmax(-1)
-    confusion += metrics.mask_confusion_matrix(predicted, example["label"], num_classes=2)
-    rand.append(metrics.rand_error(predicted, example["label"]))
-    panels.append((example["image"][..., 0], example["label"], predicted))
-  seconds = time.perf_counter() - start
-  summary = metrics.summarize(confusion, class_names=("membrane", "cell"))
-  print("| pixel error | Rand error | membrane IoU | hold-out slices | prediction time |")
-  print("| --- | --- | --- | --- | --- |")
-  print(f"| {summary['pixel_error']:.4f} | {np.nanmean(rand):.4f} | "
-        f"{summary['iou_membrane']:.4f} | {len(holdout)} | {seconds:.1f} s |")
+  examples = [holdout[index] for index in range(len(holdout))]
+  probabilities = np.stack([predict_image(model, e["image"]) for e in examples])
+  membrane = probabilities[..., 0]  # softmax channel 0: the membrane class
+  labels = np.stack([e["label"] for e in examples])
+  predicted = time.perf_counter()
+  print(f"{len(examples)} hold-out slices, predicted in {predicted - start:.1f} s\n")
+  print("Argmax decision:\n")
+  print(argmax_table(probabilities, labels))
+  print("\nAs the ISBI 2012 challenge scores (t: membrane probability below which a pixel is a "
+        "cell):\n")
+  print(challenge_tables(membrane, labels))
+  print(f"\nscored in {time.perf_counter() - predicted:.1f} s")
 
   # A 256×256 corner of two slices: enough to judge the membranes, not a copy of the data.
-  shown = panels[:2]
+  shown = [(e["image"][..., 0], e["label"], p.argmax(-1))
+           for e, p in zip(examples[:2], probabilities)]
   fig, axes = plt.subplots(len(shown), 3, figsize=(7.5, 2.6 * len(shown)))
   for row, pictures in zip(np.atleast_2d(axes), shown):
     pictures = [p[:256, :256] for p in pictures]
