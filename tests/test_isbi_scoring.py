@@ -224,5 +224,10 @@ def test_warping_forgives_a_shifted_membrane_and_counts_gaps_and_cuts():
 def test_bad_inputs_are_named(probability, label, match):
   with pytest.raises(ValueError, match=match):
     metrics.challenge_scores(probability, label)
+
+
+def test_thresholds_are_checked():
+  with pytest.raises(ValueError, match=r"numbers in \[0, 1\]"):
+    metrics.challenge_sweep(np.zeros((4, 4)), np.ones((4, 4)), thresholds=[0.5, 2.0])
   with pytest.raises(ValueError, match="threshold above 0"):
     metrics.challenge_scores(np.zeros((4, 4)), np.ones((4, 4)), thresholds=[0.0])

@@ -295,15 +295,16 @@ def _challenge_inputs(membrane_probability, label, thresholds):
   if probability.shape != label.shape or probability.ndim not in (2, 3) or not probability.size:
     raise ValueError(f"membrane_probability and label must be [H, W] or [N, H, W] arrays of one "
                      f"shape; got {probability.shape} and {label.shape}")
-  if not np.all(np.isfinite(probability)) or probability.min() < 0 or probability.max() > 1:
-    raise ValueError(f"membrane_probability must lie in [0, 1] (the softmax channel of class 0, "
-                     f"membrane); got values from {np.nanmin(probability)} to "
-                     f"{np.nanmax(probability)}, NaN or inf: "
-                     f"{not np.all(np.isfinite(probability))}")
+  if not np.all(np.isfinite(probability)):
+    raise ValueError(f"membrane_probability holds {np.count_nonzero(~np.isfinite(probability))} "
+                     f"NaN or infinite values; it must lie in [0, 1] (softmax channel 0)")
+  if probability.min() < 0 or probability.max() > 1:
+    raise ValueError(f"membrane_probability must lie in [0, 1] (softmax channel 0, the membrane "
+                     f"class); got values from {probability.min()} to {probability.max()}")
   values = np.unique(label)
   if not np.isin(values, (0, 1)).all():
     raise ValueError(f"label must hold 0 (membrane) and 1 (cell) only; got values "
-                     f"{values[:10].tolist()}")
+                     f"{values[:10].tolist()} (a 0/255 mask: pass mask // 255)")
   label = label.astype(np.int64).reshape((-1, *label.shape[-2:]))
   empty = [i for i, slice_label in enumerate(label) if not slice_label.any()]
   if empty:
