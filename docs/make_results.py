@@ -111,6 +111,9 @@ def main() -> None:
   start = time.perf_counter()
   examples = [holdout[index] for index in range(len(holdout))]
   probabilities = np.stack([predict_image(model, e["image"]) for e in examples])
+  if probabilities.shape[-1] != 2:
+    raise SystemExit(f"this report scores a two-class softmax model (0 = membrane, 1 = cell); "
+                     f"{args.workdir} predicts {probabilities.shape[-1]} channel(s)")
   membrane = probabilities[..., 0]  # softmax channel 0: the membrane class
   labels = np.stack([e["label"] for e in examples])
   predicted = time.perf_counter()
