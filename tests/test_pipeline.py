@@ -133,7 +133,8 @@ def _keys(config, prefix=""):
                                             (pets_config, "tiny")])
 def test_configs_have_every_field_of_the_default(module, variant):
   config = module.get_config(variant)
-  source_specific = {"data.num_train", "data.num_val", "data.image_size"}  # synthetic only
+  source_specific = {"data.num_train", "data.num_val", "data.image_size",
+                     "data.synthetic_labels"}  # synthetic only
   assert _keys(default.get_config()) - source_specific <= _keys(config)
   assert config.data.source in config.data
   assert len(config.data.class_names) == config.model.num_classes
