@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
   masks = pathlib.Path(args.masks)
   try:
     mask_map = parse_mask_map(args.mask_map) if args.mask_map else None
-    image_paths, unsupported = images.list_images(args.images)
+    with predict.warnings_as_lines():
+      image_paths, unsupported = images.list_images(args.images)
     if not masks.is_dir():
       raise FileNotFoundError(f"the masks folder {masks} does not exist")
     if args.output:

@@ -30,11 +30,13 @@ batch is split over them. Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import os
 import pathlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -448,6 +450,19 @@ def describe_checkpoint(path: str | pathlib.Path, config: dict, step: int | None
   return Loaded(step, tuple(names) if names else None, config.get("mask_values"))
 
 
+@contextlib.contextmanager
+def warnings_as_lines():
+  """Show the warnings raised inside the block as plain ``warning: ...`` lines on stderr, the
+  way a command line speaks, instead of Python's ``file:line: Category`` form."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+      yield
+    finally:
+      for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"warning: {message}", file=sys.stderr)
+
+
 def _wrong_path_hint(path: pathlib.Path) -> str:
   for parent in list(path.parents)[:3]:
     if (parent / "config.json").is_file() and (parent / "checkpoints").is_dir():
@@ -479,9 +494,10 @@ def load_for_cli(parser: argparse.ArgumentParser, checkpoint: str, *, cpu_layer:
     parser.exit(2, f"error: --step and --best choose among a training run's checkpoints, but "
                    f"{checkpoint} is not a training workdir (config.json + checkpoints/)\n")
   try:
-    if best:
-      step = best_step(path)
-    model, config = load_model(checkpoint, step=step, allow_nonfinite=allow_nonfinite)
+    with warnings_as_lines():
+      if best:
+        step = best_step(path)
+      model, config = load_model(checkpoint, step=step, allow_nonfinite=allow_nonfinite)
   except Exception as error:  # loading raises many types for missing or foreign files
     hint = _wrong_path_hint(path.absolute()) if path.is_dir() and not is_workdir else ""
     parser.exit(2, f"error: cannot load the checkpoint {checkpoint}: "
@@ -546,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--save-probabilities", action="store_true")
   args = parser.parse_args(argv)
   try:
-    images, unsupported = list_images(args.input)
+    with warnings_as_lines():
+      images, unsupported = list_images(args.input)
   except (OSError, ValueError) as error:
     parser.exit(2, f"error: {error}\n")
   output = prepare_output(parser, args.output)
