@@ -1,9 +1,11 @@
 """The geometry of U-Net: which input sizes work, what comes out, and where to crop.
 
-A U-Net of depth ``D`` applies, per spatial dimension and independently for height and width:
+A U-Net of depth ``D`` applies, per spatial dimension and independently for each axis (height
+and width; depth, height and width for volumes, whose sizes may all differ):
 
-* encoder level ``k`` (``k = 0 .. D-1``): two 3×3 convolutions (each takes 2 px when unpadded),
-  then a 2×2 max-pool (which, cropping skips, must see an even size so that no pixel is dropped);
+* encoder level ``k`` (``k = 0 .. D-1``): two 3×3 (3×3×3) convolutions (each takes 2 px when
+  unpadded), then a 2×2 (2×2×2) max-pool (which, cropping skips, must see an even size so that
+  no pixel is dropped);
 * the bottleneck: two 3×3 convolutions;
 * decoder level ``k`` (``k = D-1 .. 0``): 2× up-sampling, then the skip and the up-sampled map
   are brought to one size, then two 3×3 convolutions.
@@ -19,6 +21,10 @@ How the decoder brings them to one size is ``skip_fit``:
   zero-padded to the skip's size (``dy // 2`` rows before, the rest after; columns alike), so
   any size whose pooled sizes stay ≥ 1 is valid: with padded convolutions, any size ≥ ``2**D``,
   and the output has the input's size.
+
+Everything is per axis, so one ``Geometry`` answers for images and volumes alike:
+``check_shape(height, width)`` or ``check_shape(depth, height, width)``. Çiçek et al.'s 3-D
+U-Net (depth 3, unpadded) maps 132×132×116 → 44×44×28.
 """
 
 from __future__ import annotations
@@ -145,10 +151,11 @@ class Geometry:
     return (f"a depth-{self.depth} U-Net with {self.encoder_padding!r} encoder and "
             f"{self.decoder_padding!r} decoder convolutions{fit}")
 
-  def _rule(self) -> str:
+  def _rule(self, spatial_dims: int = 2) -> str:
+    pool = "×".join("2" * spatial_dims)
     if self.skip_fit == "pad":
-      return "every size must stay positive through the 2×2 max-pools"
-    return "every 2×2 max-pool must see an even size and every size must stay positive"
+      return f"every size must stay positive through the {pool} max-pools"
+    return f"every {pool} max-pool must see an even size and every size must stay positive"
 
   def check(self, size: int, *, name: str = "input") -> None:
     """Raise a ``ValueError`` naming the nearest valid sizes if ``size`` is not valid."""
@@ -157,21 +164,29 @@ class Geometry:
           f"{size} is not a valid {name} size for {self._describe()} ({self._rule()}); "
           f"nearest valid sizes: {self._nearest_text(size)}")
 
-  def check_shape(self, height: int, width: int) -> tuple[int, int]:
-    """Validate an ``H×W`` input and return the output ``(H, W)``.
+  def check_shape(self, *sizes: int) -> tuple[int, ...]:
+    """Validate an input of spatial sizes ``(H, W)`` or ``(D, H, W)`` and return the output's.
 
-    The error names the whole shape, e.g. ``573×573 is not a valid input: ... nearest valid
-    sizes 572, 588``.
+    Each axis is checked on its own, so anisotropic volumes work. The error names the whole
+    shape and every axis that is not valid, e.g. ``573×573 is not a valid input: height 573
+    (nearest valid sizes 572, 588); ...``.
     """
+    if not sizes:
+      raise ValueError("check_shape needs at least one spatial size, e.g. (height, width)")
+    names = _AXIS_NAMES.get(len(sizes)) or tuple(f"axis {k}" for k in range(len(sizes)))
     problems = [f"{name} {size} (nearest valid sizes {self._nearest_text(size)})"
-                for name, size in (("height", height), ("width", width))
-                if not self.is_valid(size)]
+                for name, size in zip(names, sizes) if not self.is_valid(size)]
     if problems:
+      rule = self._rule(len(sizes))
+      what = "image" if len(sizes) == 2 else "volume" if len(sizes) == 3 else "input"
       raise ValueError(
-          f"{height}×{width} is not a valid input for {self._describe()}: "
-          f"{'; '.join(problems)}. {self._rule()[0].upper()}{self._rule()[1:]}; pad or tile "
-          f"the image (see unet_jax.geometry).")
-    return self.output_size(height), self.output_size(width)
+          f"{'×'.join(map(str, sizes))} is not a valid input for {self._describe()}: "
+          f"{'; '.join(problems)}. {rule[0].upper()}{rule[1:]}; pad or tile the {what} "
+          f"(see unet_jax.geometry).")
+    return tuple(self.output_size(size) for size in sizes)
+
+
+_AXIS_NAMES = {1: ("size",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 
 
 def _as_size(size) -> int | None:
@@ -204,15 +219,19 @@ def crop_offsets(source: int, target: int) -> tuple[int, int]:
   return before, source - target - before
 
 
-def center_crop(x, height: int, width: int):
-  """Center-crop the spatial axes ``[..., H, W, C]`` of ``x`` to ``height × width``.
+def center_crop(x, *sizes: int):
+  """Center-crop the spatial axes of ``x`` (``[..., H, W, C]``) to ``sizes`` (``H', W'``).
 
-  Height and width are cropped independently, so non-square maps and odd size differences
-  are handled.
+  ``center_crop(x, height, width)`` crops the two axes before the channels, ``center_crop(x,
+  depth, height, width)`` the three of a volume ``[..., D, H, W, C]``. Each axis is cropped
+  on its own, so non-square maps and odd size differences are handled.
   """
-  top, _ = crop_offsets(x.shape[-3], height)
-  left, _ = crop_offsets(x.shape[-2], width)
-  return x[..., top:top + height, left:left + width, :]
+  first = x.ndim - 1 - len(sizes)
+  index = [slice(None)] * x.ndim
+  for axis, size in enumerate(sizes, start=first):
+    before, _ = crop_offsets(x.shape[axis], size)
+    index[axis] = slice(before, before + size)
+  return x[tuple(index)]
 
 
 def pad_offsets(source: int, target: int) -> tuple[int, int]:

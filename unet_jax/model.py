@@ -1,8 +1,10 @@
-"""U-Net (Ronneberger, Fischer & Brox, MICCAI 2015) as Flax NNX modules, NHWC.
+"""U-Net (Ronneberger, Fischer & Brox, MICCAI 2015) as Flax NNX modules, NHWC (NDHWC in 3-D).
 
 Read ``UNet.__call__`` beside Figure 1 of the paper: a contracting path that keeps its skips,
 the bottleneck, an expanding path that pops them (up-sample, crop-and-concat, two 3×3
-convolutions), and a 1×1 head. Three presets are ``functools.partial``s of ``UNet``:
+convolutions), and a 1×1 head. The same blocks build the 3-D U-Net of Çiçek et al. (MICCAI
+2016) with ``spatial_dims=3``: 3×3×3 convolutions, 2×2×2 pooling and up-convolutions, volumes
+``[N, D, H, W, C]``. Four presets are ``functools.partial``s of ``UNet``:
 
 * ``paper``: every convolution unpadded, no normalisation, dropout at the end of the
   contracting path: 572×572 → 388×388, 23 convolution layers.
@@ -10,16 +12,22 @@ convolutions), and a 1×1 head. Three presets are ``functools.partial``s of ``UN
   decoder, BatchNorm: 572×572 → 448×448, 31,042,434 parameters (1 channel in, 2 classes).
 * ``milesial``: milesial/Pytorch-UNet: padded convolutions without bias, BatchNorm, and either
   transposed or (``upsample="bilinear"``) bilinear up-sampling with halved decoder widths.
+* ``cicek3d``: Çiçek et al.'s 3-D U-Net: unpadded 3×3×3 convolutions with BatchNorm, channels
+  doubled inside each level before pooling, up-convolutions that keep the width and have no
+  bias: 132×132×116 → 44×44×28, 19,069,955 parameters besides BatchNorm's (3 channels in, 3
+  classes).
 
 Every layer computes with stock JAX operations (``unet_jax.ops.STOCK``), so a model runs the
 same on any backend, exports with ``jax.export``, and supports ``jvp``, ``vmap`` and gradients
 of gradients. ``use_ops`` switches a model to another formulation of the same operations (the
-CPU layer, ``unet_jax.cpu``) without touching its parameters.
+CPU layer, ``unet_jax.cpu``) without touching its parameters; such formulations are 2-D, and
+3-D layers keep the stock operations (``unet_jax.ops.formulation``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -34,6 +42,7 @@ from unet_jax.geometry import Geometry, Padding, SkipFit, center_crop, pad_offse
 
 Upsample = Literal["transpose", "bilinear"]
 ConcatOrder = Literal["skip_up", "up_skip"]
+UpconvWidth = Literal["skip", "keep"]
 
 # The paper: "drawing the initial weights from a Gaussian distribution with a standard
 # deviation of sqrt(2/N), where N denotes the number of incoming nodes of one neuron".
@@ -41,7 +50,8 @@ he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 class BatchNorm(nnx.Module):
-  """Batch normalisation over ``N, H, W`` with PyTorch's running-statistics semantics.
+  """Batch normalisation over ``N, H, W`` (``N, D, H, W`` for volumes: every axis but the
+  channels) with PyTorch's running-statistics semantics.
 
   Flax's own ``nnx.BatchNorm`` keeps the biased variance as its running estimate; PyTorch
   keeps the unbiased one. This module keeps PyTorch's, so converted checkpoints train on
@@ -69,9 +79,10 @@ class BatchNorm(nnx.Module):
       y = (x32 - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.epsilon)
       y = y * self.scale[...] + self.bias[...]
       return y.astype(self.dtype or x.dtype)
-    y, mean, var = self.ops.batch_norm_train(x, self.scale[...], self.bias[...],
-                                        epsilon=self.epsilon, axis_name=self.axis_name)
-    count = x.shape[0] * x.shape[1] * x.shape[2]
+    train = ops_lib.formulation(self.ops, x.ndim - 2).batch_norm_train
+    y, mean, var = train(x, self.scale[...], self.bias[...], epsilon=self.epsilon,
+                         axis_name=self.axis_name)
+    count = math.prod(x.shape[:-1])
     if self.axis_name is not None:
       count = count * jax.lax.psum(1, self.axis_name)
     unbiased = var * count / max(count - 1, 1) if isinstance(count, int) else (
@@ -83,17 +94,17 @@ class BatchNorm(nnx.Module):
 
 
 class DoubleConv(nnx.Module):
-  """(3×3 convolution → [BatchNorm] → ReLU) × 2."""
+  """(3×3 convolution → [BatchNorm] → ReLU) × 2; 3×3×3 convolutions if ``spatial_dims=3``."""
 
   def __init__(self, in_channels: int, out_channels: int, *, mid_channels: int | None = None,
                padding: Padding = "valid", norm: str | None = "batch", use_bias: bool = True,
                norm_axis_name: str | None = None, dtype=None, param_dtype=jnp.float32,
-               ops: ops_lib.Ops = ops_lib.STOCK, rngs: nnx.Rngs):
+               ops: ops_lib.Ops = ops_lib.STOCK, spatial_dims: int = 2, rngs: nnx.Rngs):
     mid_channels = mid_channels or out_channels
-    conv = functools.partial(nnx.Conv, kernel_size=(3, 3), padding=padding.upper(),
-                             use_bias=use_bias, kernel_init=he_normal, dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs,
-                             conv_general_dilated=ops.conv_general_dilated)
+    conv = functools.partial(
+        nnx.Conv, kernel_size=(3,) * spatial_dims, padding=padding.upper(), use_bias=use_bias,
+        kernel_init=he_normal, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        conv_general_dilated=ops_lib.formulation(ops, spatial_dims).conv_general_dilated)
     batch_norm = functools.partial(BatchNorm, axis_name=norm_axis_name, dtype=dtype,
                                    param_dtype=param_dtype, ops=ops)
     self.conv1 = conv(in_channels, mid_channels)
@@ -109,10 +120,11 @@ class DoubleConv(nnx.Module):
 
 
 class Down(nnx.Module):
-  """One level of the contracting path: 2×2 max-pool, then ``DoubleConv``.
+  """One level of the contracting path: 2×2 (2×2×2) max-pool, then ``DoubleConv``.
 
-  An odd last row or column is dropped before pooling (``floor``, as PyTorch's ``max_pool2d``);
-  models that crop their skips only ever see even sizes here (``unet_jax.geometry``).
+  An odd last row or column (or slice) is dropped before pooling (``floor``, as PyTorch's
+  ``max_pool2d``); models that crop their skips only ever see even sizes here
+  (``unet_jax.geometry``).
   """
 
   def __init__(self, in_channels: int, out_channels: int, *, remat: bool = False, **kwargs):
@@ -120,10 +132,10 @@ class Down(nnx.Module):
     self.remat, self.ops = remat, kwargs.get("ops", ops_lib.STOCK)
 
   def forward(self, x: jax.Array) -> jax.Array:
-    height, width = x.shape[1], x.shape[2]
-    if isinstance(height, int) and isinstance(width, int) and (height % 2 or width % 2):
-      x = x[:, :height - height % 2, :width - width % 2]
-    return self.conv(self.ops.max_pool_2x2(x))
+    sizes = x.shape[1:-1]
+    if all(isinstance(n, int) for n in sizes) and any(n % 2 for n in sizes):
+      x = x[(slice(None), *(slice(n - n % 2) for n in sizes))]
+    return self.conv(ops_lib.formulation(self.ops, x.ndim - 2).max_pool_2x2(x))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     forward = type(self).forward
@@ -131,12 +143,13 @@ class Down(nnx.Module):
 
 
 def upsample_bilinear(x: jax.Array, scale: int = 2) -> jax.Array:
-  """Bilinear up-sampling of ``[N, H, W, C]`` with ``align_corners=True`` semantics.
+  """Bilinear up-sampling of ``[N, H, W, C]`` with ``align_corners=True`` semantics;
+  trilinear for volumes ``[N, D, H, W, C]``.
 
   PyTorch's ``nn.Upsample(mode="bilinear", align_corners=True)`` maps output pixel ``i`` to
   input coordinate ``i * (n_in - 1) / (n_out - 1)``; ``jax.image.resize`` uses half-pixel
-  centres instead, so milesial checkpoints need this. Written as two small interpolation
-  matrices, which XLA turns into fast dots.
+  centres instead, so milesial checkpoints need this. Written as one small interpolation
+  matrix per spatial axis (linear interpolation is separable), which XLA turns into fast dots.
   """
   def matrix(n_in: int) -> np.ndarray:
     n_out = n_in * scale
@@ -154,12 +167,18 @@ def upsample_bilinear(x: jax.Array, scale: int = 2) -> jax.Array:
     weights[np.arange(n_out), low + 1] += frac
     return weights
 
-  if not all(isinstance(n, int) for n in x.shape[1:3]):  # symbolic sizes (jax.export)
-    return _interpolate(_interpolate(x, 1, scale), 2, scale)
-  rows = jnp.asarray(matrix(x.shape[1]), x.dtype)
-  cols = jnp.asarray(matrix(x.shape[2]), x.dtype)
-  x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=jax.lax.Precision.HIGHEST)
-  return jnp.einsum("pw,nowc->nopc", cols, x, precision=jax.lax.Precision.HIGHEST)
+  axes = range(1, x.ndim - 1)
+  if not all(isinstance(x.shape[axis], int) for axis in axes):  # symbolic sizes (jax.export)
+    for axis in axes:
+      x = _interpolate(x, axis, scale)
+    return x
+  names = "nabc"[:x.ndim - 1] + "z"  # batch, spatial axes, channels
+  for axis in axes:
+    weights = jnp.asarray(matrix(x.shape[axis]), x.dtype)
+    out = names[:axis] + "o" + names[axis + 1:]
+    x = jnp.einsum(f"o{names[axis]},{names}->{out}", weights, x,
+                   precision=jax.lax.Precision.HIGHEST)
+  return x
 
 
 def _interpolate(x: jax.Array, axis: int, scale: int) -> jax.Array:
@@ -183,6 +202,8 @@ class UpConv(nnx.ConvTranspose):
 
   Only the computation differs: one matrix product and a reshape (``ops.up_conv_2x2``),
   whose gradient XLA's CPU backend compiles far better than that of ``lax.conv_transpose``.
+  Other shapes, the 2×2×2 up-convolution of volumes among them, compute as
+  ``nnx.ConvTranspose`` does.
   """
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -199,23 +220,28 @@ class UpConv(nnx.ConvTranspose):
 class Up(nnx.Module):
   """One level of the expanding path: up-sample, crop-and-concat the skip, ``DoubleConv``.
 
-  ``"transpose"`` up-samples with a 2×2 up-convolution to the skip's width (the paper halves
-  the channels); ``"bilinear"`` keeps the width, and the ``DoubleConv`` halves it in its first
-  convolution, as milesial/Pytorch-UNet does.
+  ``"transpose"`` up-samples with a 2×2 (2×2×2) up-convolution, by default to the skip's
+  width (Ronneberger et al. halve the channels; Çiçek et al. keep them: ``upconv_channels``);
+  ``"bilinear"`` keeps the width, and the ``DoubleConv`` halves it in its first convolution,
+  as milesial/Pytorch-UNet does.
   """
 
   def __init__(self, in_channels: int, skip_channels: int, out_channels: int, *,
-               upsample: Upsample = "transpose", concat_order: ConcatOrder = "skip_up",
-               skip_fit: SkipFit = "crop", remat: bool = False, rngs: nnx.Rngs, **kwargs):
+               upsample: Upsample = "transpose", upconv_channels: int | None = None,
+               upconv_bias: bool = True, concat_order: ConcatOrder = "skip_up",
+               skip_fit: SkipFit = "crop", remat: bool = False, spatial_dims: int = 2,
+               rngs: nnx.Rngs, **kwargs):
+    kwargs.update(spatial_dims=spatial_dims, rngs=rngs)
     if upsample == "transpose":
-      self.up = UpConv(in_channels, skip_channels, (2, 2), strides=(2, 2), padding="VALID",
-                       kernel_init=he_normal, dtype=kwargs.get("dtype"),
+      up_channels, window = upconv_channels or skip_channels, (2,) * spatial_dims
+      self.up = UpConv(in_channels, up_channels, window, strides=window, padding="VALID",
+                       use_bias=upconv_bias, kernel_init=he_normal, dtype=kwargs.get("dtype"),
                        param_dtype=kwargs.get("param_dtype", jnp.float32), rngs=rngs)
-      self.conv = DoubleConv(2 * skip_channels, out_channels, rngs=rngs, **kwargs)
+      self.conv = DoubleConv(skip_channels + up_channels, out_channels, **kwargs)
     else:
       self.up = None
       concat = in_channels + skip_channels
-      self.conv = DoubleConv(concat, out_channels, mid_channels=concat // 2, rngs=rngs, **kwargs)
+      self.conv = DoubleConv(concat, out_channels, mid_channels=concat // 2, **kwargs)
     self.concat_order, self.skip_fit, self.remat = concat_order, skip_fit, remat
 
   def forward(self, x: jax.Array, skip: jax.Array) -> jax.Array:
@@ -232,40 +258,55 @@ class Up(nnx.Module):
 
 
 def crop_and_concat(up: jax.Array, skip: jax.Array, *, order: ConcatOrder = "skip_up"):
-  """Center-crop ``skip`` to ``up``'s height and width, then concatenate on channels.
+  """Center-crop ``skip`` to ``up``'s height and width (and depth), then concatenate on
+  channels.
 
-  Height and width are cropped independently and an odd size difference is allowed (the
-  extra pixel is taken from the bottom/right), so non-square maps work.
+  Every spatial axis is cropped on its own and an odd size difference is allowed (the extra
+  pixel is taken from the bottom/right/back), so non-square maps work.
   """
-  skip = center_crop(skip, up.shape[1], up.shape[2])
+  skip = center_crop(skip, *up.shape[1:-1])
   parts = (skip, up) if order == "skip_up" else (up, skip)
   return jnp.concatenate(parts, axis=-1)
 
 
 def pad_and_concat(up: jax.Array, skip: jax.Array, *, order: ConcatOrder = "skip_up"):
-  """Zero-pad ``up`` to ``skip``'s height and width, then concatenate on channels.
+  """Zero-pad ``up`` to ``skip``'s height and width (and depth), then concatenate on channels.
 
   The split of an odd difference is milesial/Pytorch-UNet's (``F.pad(x1, [dx // 2, dx - dx //
-  2, dy // 2, dy - dy // 2])``): the extra row or column goes after.
+  2, dy // 2, dy - dy // 2])``), on every spatial axis: the extra row or column goes after.
   """
-  top, bottom = pad_offsets(up.shape[1], skip.shape[1])
-  left, right = pad_offsets(up.shape[2], skip.shape[2])
-  if top or bottom or left or right:
-    up = jnp.pad(up, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  pads = [pad_offsets(u, s) for u, s in zip(up.shape[1:-1], skip.shape[1:-1], strict=True)]
+  if any(before or after for before, after in pads):
+    up = jnp.pad(up, ((0, 0), *pads, (0, 0)))
   parts = (skip, up) if order == "skip_up" else (up, skip)
   return jnp.concatenate(parts, axis=-1)
 
 
 class UNet(nnx.Module):
-  """U-Net for ``[N, H, W, in_channels]`` images → ``[N, H', W', num_classes]`` logits.
+  """U-Net for ``[N, H, W, in_channels]`` images → ``[N, H', W', num_classes]`` logits, or
+  (``spatial_dims=3``) for ``[N, D, H, W, in_channels]`` volumes → ``[N, D', H', W',
+  num_classes]``.
 
   Args:
     in_channels: channels of the input image.
     num_classes: channels of the output logits.
     features: widths of the levels, top to bottom (``len(features) - 1`` max-pools).
+    spatial_dims: ``2`` (images; the default) or ``3`` (volumes: 3×3×3 convolutions, 2×2×2
+      max-pooling and up-sampling, a 1×1×1 head; Çiçek et al. 2016). Every other option
+      means the same in 3-D, per axis.
     encoder_padding, decoder_padding: ``"valid"`` (unpadded, the paper) or ``"same"``.
     upsample: ``"transpose"`` (2×2 up-convolution) or ``"bilinear"`` (milesial's variant,
-      which halves the decoder widths).
+      which halves the decoder widths; trilinear in 3-D).
+    upconv_width: the up-convolutions' output width: ``"skip"`` (the skip's width, halving
+      the channels as Ronneberger et al. do) or ``"keep"`` (their input's width, as Çiçek
+      et al.'s 512 → 512 before concatenating the 256-channel skip). Only for
+      ``upsample="transpose"``.
+    upconv_bias: bias in the up-convolutions (Çiçek et al.'s parameter count has none). Only
+      for ``upsample="transpose"``.
+    halve_encoder_mid: the first convolution of each contracting level (the bottom one
+      included) gives half the level's width, so the channels double inside the level,
+      before pooling (Çiçek et al.: 3 → 32 → 64, 64 → 64 → 128, ..., 256 → 256 → 512).
+      ``False`` (the default): both convolutions give the level's width.
     norm: ``"batch"`` or ``None``.
     use_bias: bias in the 3×3 convolutions.
     dropout: dropout rate at the end of the contracting path (``0`` disables it).
@@ -288,39 +329,49 @@ class UNet(nnx.Module):
   """
 
   def __init__(self, in_channels: int = 1, num_classes: int = 2, *,
-               features: Sequence[int] = (64, 128, 256, 512, 1024),
+               features: Sequence[int] = (64, 128, 256, 512, 1024), spatial_dims: int = 2,
                encoder_padding: Padding = "valid", decoder_padding: Padding = "valid",
-               upsample: Upsample = "transpose", norm: str | None = None,
-               use_bias: bool = True, dropout: float = 0.0,
+               upsample: Upsample = "transpose", upconv_width: UpconvWidth = "skip",
+               upconv_bias: bool = True, halve_encoder_mid: bool = False,
+               norm: str | None = None, use_bias: bool = True, dropout: float = 0.0,
                concat_order: ConcatOrder = "skip_up", skip_fit: SkipFit = "crop",
                activation: heads.Activation | None = None, remat: bool = False,
                norm_axis_name: str | None = None, dtype=None, param_dtype=jnp.float32,
                ops: ops_lib.Ops = ops_lib.STOCK, rngs: nnx.Rngs):
     _check_options(in_channels, num_classes, features, upsample, norm, dropout, concat_order)
+    halve = 2 if upsample == "bilinear" else 1
+    widths = list(features[:-1]) + [features[-1] // halve]
+    _check_3d_options(spatial_dims, upsample, upconv_width, upconv_bias, halve_encoder_mid,
+                      widths)
     self.in_channels, self.num_classes, self.remat = in_channels, num_classes, remat
+    self.spatial_dims = spatial_dims
     self.activation = heads.resolve(activation, num_classes)
     self.features = tuple(features)
     self.geometry = Geometry(len(features) - 1, encoder_padding, decoder_padding, skip_fit)
     common = dict(norm=norm, use_bias=use_bias, norm_axis_name=norm_axis_name, dtype=dtype,
-                  param_dtype=param_dtype, ops=ops, rngs=rngs)
-    halve = 2 if upsample == "bilinear" else 1
-    widths = list(features[:-1]) + [features[-1] // halve]
-    self.inc = DoubleConv(in_channels, widths[0], padding=encoder_padding, **common)
-    self.downs = nnx.List([Down(widths[k - 1], widths[k], padding=encoder_padding,
-                                remat=remat, **common) for k in range(1, len(widths))])
+                  param_dtype=param_dtype, ops=ops, spatial_dims=spatial_dims, rngs=rngs)
+    mid = [w // 2 if halve_encoder_mid else w for w in widths]
+    self.inc = DoubleConv(in_channels, widths[0], mid_channels=mid[0], padding=encoder_padding,
+                          **common)
+    self.downs = nnx.List([Down(widths[k - 1], widths[k], mid_channels=mid[k],
+                                padding=encoder_padding, remat=remat, **common)
+                           for k in range(1, len(widths))])
     self.dropout = nnx.Dropout(dropout) if dropout else None
     ups, channels = [], widths[-1]
     for k in reversed(range(len(features) - 1)):
       out = features[k] if upsample == "transpose" or k == 0 else features[k - 1]
-      ups.append(Up(channels, features[k], out, upsample=upsample, concat_order=concat_order,
-                    skip_fit=skip_fit, padding=decoder_padding, remat=remat, **common))
+      ups.append(Up(channels, features[k], out, upsample=upsample,
+                    upconv_channels=channels if upconv_width == "keep" else features[k],
+                    upconv_bias=upconv_bias, concat_order=concat_order, skip_fit=skip_fit,
+                    padding=decoder_padding, remat=remat, **common))
       channels = out
     self.ups = nnx.List(ups)
-    self.head = nnx.Conv(features[0], num_classes, (1, 1), kernel_init=he_normal, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+    self.head = nnx.Conv(features[0], num_classes, (1,) * spatial_dims, kernel_init=he_normal,
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Logits ``[N, H', W', num_classes]`` (float32) for images ``[N, H, W, in_channels]``.
+    """Logits ``[N, H', W', num_classes]`` (float32) for images ``[N, H, W, in_channels]``;
+    ``[N, D', H', W', num_classes]`` for volumes ``[N, D, H, W, in_channels]`` in 3-D.
 
     ``rngs`` supplies the ``dropout`` stream in training mode when ``dropout > 0``.
     """
@@ -339,21 +390,33 @@ class UNet(nnx.Module):
       x = up(x, skips.pop())
     return self.head(x).astype(jnp.float32)
 
-  def check_input(self, shape: Sequence[int]) -> tuple[int, int] | None:
-    """Raise a clear ``ValueError`` unless ``shape`` is a valid ``[N, H, W, C]`` input."""
-    if len(shape) != 4:
-      raise ValueError(f"expected images of shape [N, H, W, {self.in_channels}], got shape "
-                       f"{tuple(shape)}; add a batch axis with x[None] for a single image")
+  def check_input(self, shape: Sequence[int]) -> tuple[int, ...] | None:
+    """Raise a clear ``ValueError`` unless ``shape`` is a valid ``[N, H, W, C]`` input
+    (``[N, D, H, W, C]`` in 3-D); returns the output's spatial sizes."""
+    axes = "N, D, H, W" if self.spatial_dims == 3 else "N, H, W"
+    if len(shape) != self.spatial_dims + 2:
+      kind = "volumes" if self.spatial_dims == 3 else "images"
+      hint = (f"add a batch axis with x[None] for a single {kind[:-1]}"
+              if len(shape) == self.spatial_dims + 1 else
+              f"this U-Net has spatial_dims={self.spatial_dims}")
+      raise ValueError(f"expected {kind} of shape [{axes}, {self.in_channels}], got shape "
+                       f"{tuple(shape)}; {hint}")
     if shape[-1] != self.in_channels:
       raise ValueError(f"this U-Net takes {self.in_channels} input channel(s), got an input "
-                       f"of shape {tuple(shape)} with {shape[-1]}; NHWC layout is expected")
-    if not all(isinstance(size, (int, np.integer)) for size in shape[1:3]):
+                       f"of shape {tuple(shape)} with {shape[-1]}; "
+                       f"{axes.replace(', ', '')}C layout is expected")
+    if not all(isinstance(size, (int, np.integer)) for size in shape[1:-1]):
       return None  # symbolic sizes (jax.export): their constraints are the exporter's to state
-    return self.geometry.check_shape(shape[1], shape[2])
+    return self.geometry.check_shape(*shape[1:-1])
 
-  def output_shape(self, height: int, width: int) -> tuple[int, int]:
-    """Output ``(H', W')`` for an ``H×W`` input; raises ``ValueError`` if it is not valid."""
-    return self.geometry.check_shape(height, width)
+  def output_shape(self, *sizes: int) -> tuple[int, ...]:
+    """Output ``(H', W')`` for an ``H×W`` input (``(D', H', W')`` for ``D×H×W`` in 3-D);
+    raises ``ValueError`` if it is not valid."""
+    if len(sizes) != self.spatial_dims:
+      names = "depth, height, width" if self.spatial_dims == 3 else "height, width"
+      raise ValueError(f"this U-Net has spatial_dims={self.spatial_dims}: give the input's "
+                       f"({names}), got {len(sizes)} size(s) {tuple(sizes)}")
+    return self.geometry.check_shape(*sizes)
 
 
 def _check_options(in_channels, num_classes, features, upsample, norm, dropout, concat_order):
@@ -376,6 +439,21 @@ def _check_options(in_channels, num_classes, features, upsample, norm, dropout, 
     raise ValueError(f"concat_order must be 'skip_up' or 'up_skip', got {concat_order!r}")
 
 
+def _check_3d_options(spatial_dims, upsample, upconv_width, upconv_bias, halve_encoder_mid,
+                      widths):
+  if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
+    raise ValueError(f"spatial_dims must be 2 (images) or 3 (volumes), got {spatial_dims!r}")
+  if upconv_width not in ("skip", "keep"):
+    raise ValueError(f"upconv_width must be 'skip' or 'keep', got {upconv_width!r}")
+  if upsample == "bilinear" and (upconv_width != "skip" or not upconv_bias):
+    raise ValueError(f"upconv_width={upconv_width!r} and upconv_bias={upconv_bias!r} describe "
+                     f"the up-convolutions of upsample='transpose'; bilinear up-sampling has "
+                     f"none: leave them at 'skip' and True")
+  if halve_encoder_mid and any(w % 2 for w in widths):
+    raise ValueError(f"halve_encoder_mid halves each contracting level's width in its first "
+                     f"convolution, so the widths must be even; got {widths}")
+
+
 paper = functools.partial(UNet, encoder_padding="valid", decoder_padding="valid", norm=None,
                           use_bias=True, dropout=0.5, concat_order="skip_up")
 walkthrough = functools.partial(UNet, encoder_padding="valid", decoder_padding="same",
@@ -383,8 +461,13 @@ walkthrough = functools.partial(UNet, encoder_padding="valid", decoder_padding="
 milesial = functools.partial(UNet, encoder_padding="same", decoder_padding="same",
                              norm="batch", use_bias=False, concat_order="skip_up",
                              skip_fit="pad")
+cicek3d = functools.partial(UNet, spatial_dims=3, features=(64, 128, 256, 512),
+                            encoder_padding="valid", decoder_padding="valid", norm="batch",
+                            use_bias=True, halve_encoder_mid=True, upconv_width="keep",
+                            upconv_bias=False, concat_order="skip_up", skip_fit="crop")
 
-PRESETS = {"paper": paper, "walkthrough": walkthrough, "milesial": milesial}
+PRESETS = {"paper": paper, "walkthrough": walkthrough, "milesial": milesial,
+           "cicek3d": cicek3d}
 
 
 def config_of(model: UNet) -> dict:
@@ -401,6 +484,16 @@ def config_of(model: UNet) -> dict:
             "dropout": float(model.dropout.rate) if model.dropout is not None else 0.0,
             "concat_order": up.concat_order, "skip_fit": model.geometry.skip_fit,
             "activation": model.activation, "remat": bool(model.remat)}
+  # Options added for volumes are recorded only when they differ from their defaults, so 2-D
+  # configs read as before.
+  if model.spatial_dims != 2:
+    config["spatial_dims"] = model.spatial_dims
+  if model.inc.conv1.out_features != model.inc.conv2.out_features:
+    config["halve_encoder_mid"] = True
+  if up.up is not None and up.up.out_features != model.features[-2]:
+    config["upconv_width"] = "keep"
+  if up.up is not None and up.up.bias is None:
+    config["upconv_bias"] = False
   if first.dtype is not None:
     config["dtype"] = jnp.dtype(first.dtype).name
   if jnp.dtype(first.param_dtype) != jnp.float32:
@@ -412,13 +505,15 @@ def use_ops(model: nnx.Module, ops: ops_lib.Ops) -> nnx.Module:
   """Switch ``model`` (a ``UNet`` or any of its blocks) to ``ops`` in place; returns it.
 
   Parameters and values stay the same: only the formulation of the 3×3 convolutions,
-  max-pooling and training-mode BatchNorm changes. Call it before splitting the model
-  (``nnx.split``) or tracing it.
+  max-pooling and training-mode BatchNorm changes. 3-D layers keep the stock operations
+  (``unet_jax.ops.formulation``). Call it before splitting the model (``nnx.split``) or
+  tracing it.
   """
   for _, module in nnx.iter_modules(model):
     if isinstance(module, DoubleConv):
-      module.conv1.conv_general_dilated = ops.conv_general_dilated
-      module.conv2.conv_general_dilated = ops.conv_general_dilated
+      conv = ops_lib.formulation(ops, len(module.conv1.kernel_size)).conv_general_dilated
+      module.conv1.conv_general_dilated = conv
+      module.conv2.conv_general_dilated = conv
     if isinstance(module, (BatchNorm, Down)):
       module.ops = ops
   return model
