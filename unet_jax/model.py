@@ -341,8 +341,8 @@ class UNet(nnx.Module):
     _check_options(in_channels, num_classes, features, upsample, norm, dropout, concat_order)
     halve = 2 if upsample == "bilinear" else 1
     widths = list(features[:-1]) + [features[-1] // halve]
-    _check_3d_options(spatial_dims, upsample, upconv_width, upconv_bias, halve_encoder_mid,
-                      widths)
+    _check_dims_and_widths(spatial_dims, upsample, upconv_width, upconv_bias,
+                           halve_encoder_mid, widths)
     self.in_channels, self.num_classes, self.remat = in_channels, num_classes, remat
     self.spatial_dims = spatial_dims
     self.activation = heads.resolve(activation, num_classes)
@@ -439,8 +439,8 @@ def _check_options(in_channels, num_classes, features, upsample, norm, dropout, 
     raise ValueError(f"concat_order must be 'skip_up' or 'up_skip', got {concat_order!r}")
 
 
-def _check_3d_options(spatial_dims, upsample, upconv_width, upconv_bias, halve_encoder_mid,
-                      widths):
+def _check_dims_and_widths(spatial_dims, upsample, upconv_width, upconv_bias,
+                           halve_encoder_mid, widths):
   if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
     raise ValueError(f"spatial_dims must be 2 (images) or 3 (volumes), got {spatial_dims!r}")
   if upconv_width not in ("skip", "keep"):
