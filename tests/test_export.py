@@ -236,3 +236,10 @@ def test_best_step_follows_the_runs_metric_among_checkpoints_on_disk(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"train": {"checkpoint": {}}}))
   with pytest.raises(ValueError, match="no best checkpoint to choose"):
     best_step(tmp_path)
+
+
+def test_volumes_are_refused_with_a_clear_error():
+  from unet_jax.interop import export as export_lib
+  net = unet.UNet(1, 2, features=(4, 8), spatial_dims=3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="export covers 2-D U-Nets"):
+    export_lib.export_stablehlo(net)

@@ -102,3 +102,18 @@ def test_train_step_count_matches_xla_gradient(preset, hw, monkeypatch):
 
   reference = xla_flops(jax.grad(loss), params, rest, x)
   assert flops.train_step_flops(net, *hw, batch=2) == pytest.approx(reference, rel=0.1)
+
+
+def test_odd_sizes_of_a_pad_to_skip_model_match_xla():
+  """milesial's model at 75×101: floored pools, up-sampled maps padded back to their skips."""
+  net = model.milesial(1, 2, features=(4, 8, 16), rngs=nnx.Rngs(0))
+  net.eval()
+  counted = flops.forward_flops(net, 75, 101).model
+  cost = jax.jit(lambda x: net(x)).lower(jnp.zeros((1, 75, 101, 1))).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  assert abs(counted - cost["flops"]) / cost["flops"] < 0.1
+
+
+def test_three_dimensional_models_are_refused_clearly():
+  with pytest.raises(ValueError, match="2-D U-Nets"):
+    flops.forward_flops({"spatial_dims": 3, "features": (4, 8)}, 16, 16)

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from unet_jax.geometry import Geometry
-from unet_jax.model import UNet
+from unet_jax.model import UNet, config_of
 
 _UNET_DEFAULTS = {name: p.default
                   for name, p in inspect.signature(UNet.__init__).parameters.items()
@@ -61,11 +61,21 @@ def _config(model: UNet | Mapping[str, Any]) -> dict[str, Any]:
                 decoder_padding=model.geometry.decoder_padding,
                 upsample="transpose" if model.ups[0].up is not None else "bilinear",
                 norm="batch" if model.inc.norm1 is not None else None,
-                use_bias=model.inc.conv1.use_bias)
+                use_bias=model.inc.conv1.use_bias, skip_fit=model.geometry.skip_fit,
+                **{k: v for k, v in config_of(model).items() if k in _COUNTED_2D_ONLY})
   unknown = set(model) - set(_UNET_DEFAULTS) - {"rngs"}
   if unknown:
     raise ValueError(f"unknown UNet options {sorted(unknown)}; known: {sorted(_UNET_DEFAULTS)}")
-  return {**_UNET_DEFAULTS, **model}
+  cfg = {**_UNET_DEFAULTS, **model}
+  different = {k: cfg[k] for k in _COUNTED_2D_ONLY if cfg[k] != _UNET_DEFAULTS[k]}
+  if different:
+    raise ValueError(f"the FLOP count covers 2-D U-Nets with the default encoder and "
+                     f"up-convolution widths; this model sets {different}")
+  return cfg
+
+
+# Options the count does not cover yet (3-D models and their width options).
+_COUNTED_2D_ONLY = ("spatial_dims", "halve_encoder_mid", "upconv_width", "upconv_bias")
 
 
 def _taps(size: int, padding: str) -> int:
@@ -89,8 +99,10 @@ def forward_flops(model: UNet | Mapping[str, Any], height: int, width: int, *,
   cfg = _config(model)
   features, bias = list(cfg["features"]), bool(cfg["use_bias"])
   per_output = (1 if bias else 0) + (4 if cfg["norm"] == "batch" else 0) + 1
-  geometry = Geometry(len(features) - 1, cfg["encoder_padding"], cfg["decoder_padding"])
+  geometry = Geometry(len(features) - 1, cfg["encoder_padding"], cfg["decoder_padding"],
+                      cfg.get("skip_fit") or "crop")
   geometry.check_shape(height, width)
+  sizes = [geometry.trace(height), geometry.trace(width)]
   totals = dict(conv=0, up=0, head=0, elementwise=0)
 
   def conv3x3(h, w, cin, cout, padding):
@@ -110,7 +122,7 @@ def forward_flops(model: UNet | Mapping[str, Any], height: int, width: int, *,
   skips = []
   for k in range(1, len(widths)):
     skips.append((h, w))
-    h, w = h // 2, w // 2
+    h, w = h // 2, w // 2  # odd sizes are floored (models that pad up-sampled maps)
     totals["elementwise"] += 3 * h * w * widths[k - 1]
     h, w = double_conv(h, w, widths[k - 1], widths[k], widths[k], cfg["encoder_padding"])
   channels = widths[-1]
@@ -125,7 +137,9 @@ def forward_flops(model: UNet | Mapping[str, Any], height: int, width: int, *,
       totals["up"] += 2 * (2 * h * h * w + 2 * w * w * 2 * h) * channels
       concat = channels + features[k]
       out, mid = (features[k] if k == 0 else features[k - 1]), concat // 2
-    h, w = double_conv(2 * h, 2 * w, concat, mid, out, cfg["decoder_padding"])
+    level = len(features) - 2 - k  # decoder levels, deepest first
+    h, w = (sizes[0]["ups"][level], sizes[1]["ups"][level])  # after padding to the skip
+    h, w = double_conv(h, w, concat, mid, out, cfg["decoder_padding"])
     channels = out
   totals["head"] = 2 * h * w * channels * cfg["num_classes"]
   totals["elementwise"] += h * w * cfg["num_classes"]  # the head's bias

@@ -64,6 +64,12 @@ def _inference_copy(model, *, for_onnx: bool):
   return copy
 
 
+def _check_2d(model) -> None:
+  if getattr(model, "spatial_dims", 2) != 2:
+    raise ValueError(f"export covers 2-D U-Nets (images [N, H, W, C]); this model is "
+                     f"{model.spatial_dims}-D: use jax.export on its forward pass directly")
+
+
 def symbolic_sizes(model) -> bool:
   """Whether height and width can be symbolic: every convolution padded (then any multiple of
   ``2**depth`` is a valid size)."""
@@ -94,6 +100,7 @@ def export_stablehlo(model, *, platforms: Sequence[str] = PLATFORMS,
   single export with symbolic batch, height and width when ``symbolic_sizes(model)``, else
   one at ``default_sizes(model)``.
   """
+  _check_2d(model)
   net = _inference_copy(model, for_onnx=False)
   channels = model.in_channels
   if sizes is None and symbolic_sizes(model):
@@ -119,6 +126,7 @@ def export_onnx(model, path: str | pathlib.Path, *, size: tuple[int, int],
     raise ImportError("ONNX export needs jax2onnx and onnx: pip install -e '.[onnx]' && "
                       "pip install --no-deps 'jax2onnx>=0.17' (see the README)") from error
   (height, width), = _check_sizes(model, [size])
+  _check_2d(model)
   net = _inference_copy(model, for_onnx=True)
   path = pathlib.Path(path)
   to_onnx(lambda x: net(x), inputs=[("batch", height, width, model.in_channels)],
