@@ -141,6 +141,11 @@ def _agreement(config: ml_collections.ConfigDict, num_devices: int | None) -> li
   if names and _is_int(classes) and classes >= 2 and len(names) != classes:
     problems.append(f"--config.data.class_names has {len(names)} name(s) {tuple(names)} but "
                     f"--config.model.num_classes is {classes}; give one name per class")
+  spatial_dims = config.get("model", {}).get("spatial_dims", 2)
+  if spatial_dims != 2:
+    problems.append(f"--config.model.spatial_dims is {spatial_dims!r}: the training pipeline "
+                    f"(data, tiles, augmentation) is 2-D; build 3-D models with "
+                    f"unet_jax.model (spatial_dims=3) in your own loop")
   activation = config.get("model", {}).get("activation")
   if names and classes == 1 and len(names) != 2:
     problems.append(f"--config.data.class_names has {len(names)} name(s) {tuple(names)}; a "
