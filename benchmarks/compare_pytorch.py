@@ -206,7 +206,9 @@ def benchmark_case(preset: str, width: int, args) -> dict:
         before = minor_faults() if count_faults else 0
         times[runner.name, phase].append(_seconds(getattr(runner, phase), args.iters))
         if count_faults:
-          faults[runner.name, phase] += minor_faults() - before
+          # The process-wide count can step back by a few when a worker thread exits during
+          # the turn (the kernel moves its faults to the process total on exit): clamp.
+          faults[runner.name, phase] += max(minor_faults() - before, 0)
   counts = {"train": flops.train_step_flops(net, args.size, args.size, batch=args.batch),
             "infer": flops.forward_flops(net, args.size, args.size, batch=args.batch).model}
   for runner in runners:
