@@ -14,7 +14,7 @@ from unet_jax.training.config_checks import check_config
 ROOT = pathlib.Path(__file__).parents[1]
 # Every file in configs/ with its variants; a new config file must be added here.
 VARIANTS = {"default.py": ["", "tiny", "multilabel"], "folder.py": ["", "tiny"],
-            "isbi2012.py": ["", "small", "tiny", "small,tiny"], "oxford_pets.py": ["", "tiny"]}
+            "isbi2012.py": ["", "small", "cpu", "tiny", "small,tiny"], "oxford_pets.py": ["", "tiny"]}
 
 
 def _get_config(file: str, variant: str = ""):
