@@ -93,20 +93,16 @@ def test_cicek3d_geometry_per_axis():
     model.output_shape(132, 133, 116)
 
 
-def test_cicek3d_shaped_forward_at_a_small_valid_size():
-  model = unet.cicek3d(3, 3, features=(4, 8, 16, 32), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("features,size,out", [
+    ((4, 8, 16, 32), (92, 100, 108), (4, 12, 20)),
+    pytest.param((8, 16, 32, 64), (132, 132, 116), (44, 44, 28), marks=pytest.mark.slow,
+                 id="the-papers-size"),
+])
+def test_cicek3d_shaped_forward(features, size, out):
+  model = unet.cicek3d(3, 3, features=features, rngs=nnx.Rngs(0))
   model.eval()
-  y = nnx.jit(lambda m, x: m(x))(model, _volumes((1, 92, 100, 108, 3)))
-  assert y.shape == (1, 4, 12, 20, 3)
-  assert np.isfinite(np.asarray(y)).all()
-
-
-@pytest.mark.slow
-def test_cicek3d_shaped_forward_at_the_papers_size():
-  model = unet.cicek3d(3, 3, features=(8, 16, 32, 64), rngs=nnx.Rngs(0))
-  model.eval()
-  y = nnx.jit(lambda m, x: m(x))(model, _volumes((1, 132, 132, 116, 3)))
-  assert y.shape == (1, 44, 44, 28, 3)
+  y = nnx.jit(lambda m, x: m(x))(model, _volumes((1, *size, 3)))
+  assert y.shape == (1, *out, 3)
   assert np.isfinite(np.asarray(y)).all()
 
 
