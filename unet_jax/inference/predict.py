@@ -483,7 +483,7 @@ def load_for_cli(parser: argparse.ArgumentParser, checkpoint: str, *, cpu_layer:
   both on stderr.
   """
   from unet_jax import cpu
-  from unet_jax.training.checkpoint import best_step, load_model
+  from unet_jax.training.checkpoint import best_step, load_model, saved_steps
   settings = cpu.configure_process(cpu_layer)
   if max_pixels is not None:
     from unet_jax.data import decode
@@ -503,8 +503,7 @@ def load_for_cli(parser: argparse.ArgumentParser, checkpoint: str, *, cpu_layer:
     parser.exit(2, f"error: cannot load the checkpoint {checkpoint}: "
                    f"{type(error).__name__}: {error}{hint}\n")
   if is_workdir and step is None:
-    steps = [int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit()]
-    step = max(steps) if steps else None
+    step = (saved_steps(path) or [None])[-1]
   ops, why = cpu.select_ops(cpu_layer)
   cpu.report(ops, why, settings)
   if step is not None:

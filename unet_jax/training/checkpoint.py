@@ -291,7 +291,7 @@ def best_step(workdir: str | os.PathLike) -> int:
   except (OSError, KeyError, ValueError) as error:
     raise ValueError(f"{workdir} is not a training workdir with a best_metric in its "
                      f"config.json, so there is no best checkpoint to choose") from error
-  on_disk = {int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()}
+  on_disk = set(saved_steps(workdir))
   scores = {}
   if (workdir / "metrics.jsonl").is_file():
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
@@ -347,6 +347,12 @@ def load_model(path: str | os.PathLike, *, step: int | None = None,
   return model, config
 
 
+def saved_steps(workdir: str | os.PathLike) -> list[int]:
+  """The steps of a training workdir's checkpoints on disk, in order."""
+  directory = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
 def _load_training_checkpoint(workdir: pathlib.Path, step: int | None, allow_nonfinite: bool):
   """The model of a training workdir at ``step`` (default: the latest), and its config."""
   import json
@@ -358,7 +364,7 @@ def _load_training_checkpoint(workdir: pathlib.Path, step: int | None, allow_non
 
   config = json.loads((workdir / "config.json").read_text())["model"]
   directory = workdir / "checkpoints"
-  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  steps = saved_steps(workdir)
   if not steps or (step is not None and step not in steps):
     raise FileNotFoundError(f"{directory} has no checkpoint"
                             f"{f' at step {step}' if step is not None else ''}; "
