@@ -14,7 +14,8 @@ from unet_jax.training.config_checks import check_config
 ROOT = pathlib.Path(__file__).parents[1]
 # Every file in configs/ with its variants; a new config file must be added here.
 VARIANTS = {"default.py": ["", "tiny", "multilabel"], "folder.py": ["", "tiny"],
-            "isbi2012.py": ["", "small", "cpu", "tiny", "small,tiny"], "oxford_pets.py": ["", "tiny"]}
+            "isbi2012.py": ["", "small", "cpu", "tiny", "small,tiny"], "oxford_pets.py": ["", "tiny"],
+            "volume.py": ["", "cpu", "sparse", "folder", "cpu,sparse"]}
 
 
 def _get_config(file: str, variant: str = ""):
@@ -61,9 +62,9 @@ def test_the_shipped_configs_pass(file, variant):
     ("optimizer.warmup_steps", -1, "an integer ≥ 0"),
     ("optimizer.grad_clip_norm", -1.0, "a finite number ≥ 0, or None"),
     ("loss.dice_weight", -1.0, "a finite number ≥ 0"),
-    ("data.tile_size", (0, 32), "(height, width): two integers ≥ 1"),
-    ("data.tile_size", (32, 32, 3), "(height, width): two integers ≥ 1"),
-    ("data.image_size", (32, -32), "(height, width): two integers ≥ 1"),
+    ("data.tile_size", (0, 32), "(height, width) or (depth, height, width): integers ≥ 1"),
+    ("data.tile_size", (32, 32, 3), "(height, width) or one integer for a model with spatial_dims=2"),
+    ("data.image_size", (32, -32), "(height, width) or (depth, height, width): integers ≥ 1"),
     ("data.num_val", 0, "an integer ≥ 1"),
     ("data.prefetch", -1, "an integer ≥ 0"),
     ("data.seed", -1, "an integer ≥ 0"),

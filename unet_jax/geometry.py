@@ -200,12 +200,21 @@ def _as_size(size) -> int | None:
 def as_hw(value) -> tuple[int, int]:
   """A size setting as ``(height, width)``: an integer means a square (``--config.data.
   tile_size=256``, which ml_collections may hand over as ``(256,)``)."""
+  return as_sizes(value, 2)
+
+
+def as_sizes(value, spatial_dims: int) -> tuple[int, ...]:
+  """A size setting as one integer per spatial axis: ``(height, width)`` for images,
+  ``(depth, height, width)`` for volumes; one integer (or a 1-tuple) means a square or a
+  cube."""
   if _as_size(value) is not None and not isinstance(value, bool):
-    return _as_size(value), _as_size(value)
-  if (isinstance(value, (tuple, list)) and len(value) in (1, 2)
+    return (_as_size(value),) * spatial_dims
+  if (isinstance(value, (tuple, list)) and len(value) in (1, spatial_dims)
       and all(_as_size(n) is not None and not isinstance(n, bool) for n in value)):
-    return _as_size(value[0]), _as_size(value[-1])
-  raise ValueError(f"expected (height, width) or one integer for a square, got {value!r}")
+    return tuple(_as_size(n) for n in value) * (spatial_dims // len(value))
+  names = ", ".join(_AXIS_NAMES.get(spatial_dims, ("sizes",)))
+  shape = "square" if spatial_dims == 2 else "cube"
+  raise ValueError(f"expected ({names}) or one integer for a {shape}, got {value!r}")
 
 
 def crop_offsets(source: int, target: int) -> tuple[int, int]:

@@ -2,7 +2,9 @@
 
 All losses take raw network outputs ``logits`` of shape ``[..., H, W, C]`` and integer
 ``labels`` of shape ``[..., H, W]`` with values in ``[0, C)``; the leading ``...`` (batch)
-dimensions are arbitrary and may be empty. Each returns a scalar, is jit-able and
+dimensions are arbitrary and may be empty. Volumes (``[..., D, H, W, C]``) work alike: the
+cross-entropy is a mean over every voxel, and Dice, which is computed per example, takes
+``spatial_dims=3`` to sum over the three spatial axes. Each returns a scalar, is jit-able and
 differentiable with respect to ``logits``.
 
 ``activation`` (``"softmax"``, the default, or ``"sigmoid"``) is the model's
@@ -41,11 +43,14 @@ def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1.0), 0.0)
 
 
-def _check_shapes(logits: jax.Array, labels: jax.Array) -> None:
-  if logits.ndim < 3 or logits.shape[:-1] != labels.shape:
+def _check_shapes(logits: jax.Array, labels: jax.Array, spatial_dims: int = 2) -> None:
+  if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
+    raise ValueError(f"spatial_dims must be 2 (images) or 3 (volumes), got {spatial_dims!r}")
+  axes = "D, H, W" if spatial_dims == 3 else "H, W"
+  if logits.ndim < spatial_dims + 1 or logits.shape[:-1] != labels.shape:
     raise ValueError(
-        f"expected logits [..., H, W, C] and labels [..., H, W]; got logits {logits.shape} "
-        f"and labels {labels.shape}"
+        f"expected logits [..., {axes}, C] and labels [..., {axes}]; got logits "
+        f"{logits.shape} and labels {labels.shape}"
     )
 
 
@@ -103,6 +108,7 @@ def dice_loss(
     smooth: float = 1.0,
     ignore_index: int | None = None,
     activation: str = "softmax",
+    spatial_dims: int = 2,
 ) -> jax.Array:
   r"""Soft Dice loss from softmax probabilities, averaged over classes and examples.
 
@@ -116,7 +122,8 @@ def dice_loss(
   dimensions. The smoothing :math:`s` keeps the ratio defined for a class that is absent from
   both prediction and target (then :math:`D_c = 0`) and softens the gradient of small classes.
   Every class counts equally, whatever its pixel frequency. Dice is computed per example
-  (summing over ``H, W`` only), so one image's large cells do not mask another's errors.
+  (summing over ``H, W`` only, or ``D, H, W`` for volumes), so one image's large cells do not
+  mask another's errors.
 
   ``optax.losses.dice_loss`` computes the same quantity with smoothing ``s / 2`` but cannot drop
   ignored pixels under ``jit``: masking needs probabilities as input, and its probability path
@@ -129,6 +136,7 @@ def dice_loss(
     ignore_index: label value whose pixels are left out of every sum.
     activation: ``"softmax"``, or ``"sigmoid"``: :math:`p_c` is then the sigmoid of channel
       :math:`c` and :math:`t_c` its 0/1 target (a binary model's one channel is the foreground).
+    spatial_dims: 2 for images ``[..., H, W, C]``, 3 for volumes ``[..., D, H, W, C]``.
 
   Returns:
     Scalar loss in ``[0, 1]``.
@@ -137,12 +145,12 @@ def dice_loss(
     Milletari, Navab, Ahmadi. "V-Net: Fully Convolutional Neural Networks for Volumetric Medical
     Image Segmentation", 3DV 2016.
   """
-  _check_shapes(logits, labels)
+  _check_shapes(logits, labels, spatial_dims)
   num_classes = logits.shape[-1]
   labels, mask = _valid_pixels(labels, ignore_index)
   p = heads.probabilities(logits, activation) * mask[..., None]  # [..., H, W, C]
   t = heads.targets(labels, num_classes, activation, p.dtype) * mask[..., None]
-  spatial = (-3, -2)
+  spatial = tuple(range(-1 - spatial_dims, -1))
   intersection = jnp.sum(p * t, axis=spatial)  # [..., C]
   dice = (2.0 * intersection + smooth) / (
       jnp.sum(p, axis=spatial) + jnp.sum(t, axis=spatial) + smooth
@@ -160,6 +168,7 @@ def dice_ce_loss(
     dice_weight: float = 1.0,
     smooth: float = 1.0,
     activation: str = "softmax",
+    spatial_dims: int = 2,
 ) -> jax.Array:
   r"""Weighted cross-entropy plus soft Dice.
 
@@ -179,6 +188,7 @@ def dice_ce_loss(
     dice_weight: :math:`\lambda_{dice}`.
     smooth: Dice smoothing term.
     activation: ``"softmax"`` or ``"sigmoid"`` (see the module docstring).
+    spatial_dims: 2 for images, 3 for volumes (the axes Dice sums over).
 
   Returns:
     Scalar loss.
@@ -186,5 +196,5 @@ def dice_ce_loss(
   ce = weighted_cross_entropy(logits, labels, weights=weights, ignore_index=ignore_index,
                               activation=activation)
   dice = dice_loss(logits, labels, smooth=smooth, ignore_index=ignore_index,
-                   activation=activation)
+                   activation=activation, spatial_dims=spatial_dims)
   return ce_weight * ce + dice_weight * dice

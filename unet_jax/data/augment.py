@@ -43,6 +43,7 @@ function of ``(example, generator state)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -60,24 +61,40 @@ def _spline_weights(size: int, grid: int) -> np.ndarray:
       np.arange(size, dtype=np.float64))
 
 
-def displacement_field(rng: np.random.Generator, shape: tuple[int, int], *, sigma: float = 10.0,
-                       grid: int = 3) -> np.ndarray:
-  """Smooth random displacements ``[2, H, W]`` (rows, then columns) in pixels.
+def displacement_field(rng: np.random.Generator, shape: Sequence[int], *, sigma: float = 10.0,
+                       grid: int | Sequence[int] = 3) -> np.ndarray:
+  """Smooth random displacements ``[n, *shape]`` in pixels (voxels), one component per axis
+  (rows, then columns; depth, rows, columns for volumes).
 
   Args:
     rng: the source of randomness.
-    shape: ``(H, W)`` of the tile.
+    shape: the tile's spatial sizes, ``(H, W)`` or ``(D, H, W)``.
     sigma: standard deviation of the control-point displacements (the paper: 10 px).
-    grid: control points per side, spread from edge to edge (the paper: 3).
+    grid: control points per axis, spread from edge to edge (the paper: 3); one number for
+      every axis, or one per axis (see :func:`grid_for_spacing`).
   """
-  if grid < 2:
-    raise ValueError(f"elastic_grid must be >= 2 control points per side, got {grid}")
+  grid = tuple(grid) if isinstance(grid, Sequence) else (grid,) * len(shape)
+  if len(grid) != len(shape) or min(grid) < 2:
+    raise ValueError(f"elastic_grid must be >= 2 control points per axis ({len(shape)} axes), "
+                     f"got {grid}")
   if not sigma >= 0:
     raise ValueError(f"elastic_sigma must be >= 0 pixels, got {sigma}")
-  coarse = rng.normal(0.0, sigma, size=(2, grid, grid))
-  rows, cols = _spline_weights(shape[0], grid), _spline_weights(shape[1], grid)
-  # einsum, not a BLAS matmul: this thin product is 10x slower through a threaded BLAS.
-  return np.einsum("kyj,xj->kyx", np.einsum("yi,kij->kyj", rows, coarse), cols)
+  field = rng.normal(0.0, sigma, size=(len(shape), *grid))
+  for axis, (size, points) in enumerate(zip(shape, grid), start=1):
+    # einsum, not a BLAS matmul: these thin products are 10x slower through a threaded BLAS.
+    out = list(range(field.ndim))
+    out[axis] = field.ndim
+    field = np.einsum(_spline_weights(size, points), [field.ndim, axis], field,
+                      list(range(field.ndim)), out)
+  return field
+
+
+def grid_for_spacing(shape: Sequence[int], spacing: float) -> tuple[int, ...]:
+  """Control points per axis for a grid with ``spacing`` pixels between points (at least 2
+  per axis, the first and last on the tile's edges): Çiçek et al. use 32 voxels."""
+  if not spacing > 0:
+    raise ValueError(f"elastic_spacing must be > 0 pixels, got {spacing}")
+  return tuple(max(2, math.ceil((size - 1) / spacing) + 1) for size in shape)
 
 
 def field_margin(field: np.ndarray) -> int:
@@ -87,34 +104,36 @@ def field_margin(field: np.ndarray) -> int:
 
 
 def elastic_deform(window: dict[str, np.ndarray], field: np.ndarray, *, margin: int,
-                   output_hw: tuple[int, int]) -> dict[str, np.ndarray]:
+                   output_hw: Sequence[int]) -> dict[str, np.ndarray]:
   """Deform a tile cut with ``margin`` extra pixels on every side.
 
   Args:
     window: ``image [h + 2m, w + 2m, C]`` around the input tile, and ``label`` (and optionally
       ``weight``) ``[H' + 2m, W' + 2m]`` around the output window, both as cut by
-      ``pipeline.cut_tile`` with the tile's sizes grown by ``2 * margin``.
-    field: ``[2, h, w]`` displacements for the input tile.
+      ``pipeline.cut_tile`` with the tile's sizes grown by ``2 * margin`` (for volumes, each
+      with a leading depth axis).
+    field: ``[n, h, w]`` (``[n, d, h, w]``) displacements for the input tile.
     margin: ``m``, at least :func:`field_margin` of ``field``.
-    output_hw: ``(H', W')``, the model's output size; its window is centered in the input.
+    output_hw: ``(H', W')`` (``(D', H', W')``), the model's output size; its window is
+      centered in the input.
 
   Returns:
     ``image [h, w, C]`` (cubic, clipped to [0, 1]), ``label`` and ``weight`` ``[H', W']``
-    (nearest).
+    (nearest); with a leading depth axis for volumes.
   """
-  height, width = field.shape[1:]
-  positions = np.mgrid[0:height, 0:width].astype(np.float64) + margin + field
+  sizes = field.shape[1:]
+  positions = np.mgrid[tuple(slice(0, n) for n in sizes)].astype(np.float64) + margin + field
   image = window["image"]
-  deformed = np.empty((image.shape[-1], height, width), np.float32)
+  deformed = np.empty((image.shape[-1], *sizes), np.float32)
   for c in range(image.shape[-1]):
     ndimage.map_coordinates(image[..., c], positions, output=deformed[c], order=3,
                             mode="reflect")
   tile = {"image": np.moveaxis(np.clip(deformed, 0.0, 1.0, out=deformed), 0, -1)}
-  # Output pixel (a, b) sits at (a + top, b + left) of the input tile; in the label window,
-  # which starts `margin` before the output window, its displaced position is a + margin + d.
-  top, left = (height - output_hw[0]) // 2, (width - output_hw[1]) // 2
-  inner = positions[:, top:top + output_hw[0], left:left + output_hw[1]]
-  inner -= np.array([top, left], np.float64)[:, None, None]
+  # Output pixel a sits at a + offset of the input tile; in the label window, which starts
+  # `margin` before the output window, its displaced position is a + margin + d.
+  offsets = [(n - o) // 2 for n, o in zip(sizes, output_hw)]
+  inner = positions[(slice(None),) + tuple(slice(b, b + o) for b, o in zip(offsets, output_hw))]
+  inner -= np.array(offsets, np.float64).reshape(-1, *(1,) * len(sizes))
   for key, outside in (("label", IGNORE), ("weight", 0.0)):
     if key in window:
       tile[key] = ndimage.map_coordinates(window[key], inner, order=0, mode="constant",
@@ -125,13 +144,18 @@ def elastic_deform(window: dict[str, np.ndarray], field: np.ndarray, *, margin: 
 def flip_rotate(tile: dict[str, np.ndarray], rng: np.random.Generator, *, flip: bool,
                 rotate: bool) -> dict[str, np.ndarray]:
   """A random left-right mirror and a random multiple of 90° (of 180° for non-square tiles),
-  applied alike to every ``[H, W, ...]`` array of ``tile``."""
+  applied alike to every ``[H, W, ...]`` array of ``tile``. Volumes (``tile["label"]``
+  ``[D, H, W]``) turn in the ``H, W`` plane and are also mirrored along their depth."""
+  spatial = tile["label"].ndim
+  rows, cols = spatial - 2, spatial - 1
   if flip and rng.random() < 0.5:
-    tile = {k: v[:, ::-1] for k, v in tile.items()}
+    tile = {k: np.flip(v, cols) for k, v in tile.items()}
   if rotate:
-    square = tile["image"].shape[0] == tile["image"].shape[1]
+    square = tile["image"].shape[rows] == tile["image"].shape[cols]
     turns = int(rng.integers(0, 4)) if square else 2 * int(rng.integers(0, 2))
-    tile = {k: np.rot90(v, turns, axes=(0, 1)) for k, v in tile.items()}
+    tile = {k: np.rot90(v, turns, axes=(rows, cols)) for k, v in tile.items()}
+  if flip and spatial == 3 and rng.random() < 0.5:
+    tile = {k: v[::-1] for k, v in tile.items()}
   return tile
 
 

@@ -3,8 +3,13 @@
 Sources (``config.data.source``, each parameterised by the section of ``config.data`` with
 its name): ``synthetic`` (:mod:`~unet_jax.data.synthetic`), ``isbi2012``
 (:mod:`~unet_jax.data.isbi2012`), ``folder`` (:mod:`~unet_jax.data.folder`) and ``tfds``
-(:mod:`~unet_jax.data.tfds_source`). Each is random access and gives whole examples
-``{"image": float32 [H, W, C] in [0, 1], "label": int32 [H, W]}``.
+(:mod:`~unet_jax.data.tfds_source`) for images; ``synthetic3d``
+(:mod:`~unet_jax.data.synthetic3d`) and ``volumes`` (:mod:`~unet_jax.data.volumes`) for
+volumes. Each is random access and gives whole examples ``{"image": float32 [H, W, C] in
+[0, 1], "label": int32 [H, W]}``, or ``[D, H, W, C]`` and ``[D, H, W]`` for volumes, where
+everything below works per axis alike. ``data.sparse_labels`` (``every`` > 1, ``axis``,
+``offset``) keeps the training labels of every ``every``-th slice only, as in Çiçek et al.'s
+sparse annotation (validation stays dense).
 
 Training tiles are cut the paper's way (overlap-tile): a random output window of the model's
 output size, and around it the input window of the model's input size, mirror-padded where
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
@@ -31,15 +36,27 @@ import numpy as np
 from unet_jax.data import augment, folder, isbi2012, tfds_source
 from unet_jax.data.decode import IGNORE
 from unet_jax.data.synthetic import SyntheticEM
-from unet_jax.geometry import Geometry, as_hw, crop_offsets
+from unet_jax.geometry import Geometry, as_hw, as_sizes, crop_offsets
 from unet_jax.weight_map import weight_map
 
 __all__ = ["IGNORE", "make_source", "tile_shapes", "cut_tile", "random_tile", "covering_tiles",
            "WithWeightMap", "train_dataset", "train_iterator", "eval_batches"]
 
+def _volumes(config, split, *, channels):
+  from unet_jax.data import volumes
+  return volumes.from_config(config, split, channels=channels)
+
+
+def _synthetic3d(config, split, *, channels):
+  from unet_jax.data import synthetic3d
+  return synthetic3d.from_config(config, split, channels=channels)
+
+
 _FROM_CONFIG = {"isbi2012": isbi2012.from_config, "folder": folder.from_config,
-                "tfds": tfds_source.from_config}
+                "tfds": tfds_source.from_config, "volumes": _volumes,
+                "synthetic3d": _synthetic3d}
 SOURCES = ("synthetic", *_FROM_CONFIG)
+VOLUME_SOURCES = ("volumes", "synthetic3d")  # whole examples are volumes [D, H, W, C]
 
 
 def make_source(config: ml_collections.ConfigDict, split: str):
@@ -61,95 +78,111 @@ def make_source(config: ml_collections.ConfigDict, split: str):
   source = _FROM_CONFIG[config.source](config[config.source], split, channels=config.channels)
   if not len(source):
     raise ValueError(f"the {split} split of {source!r} is empty")
+  sparse = config.get("sparse_labels")
+  if split == "train" and sparse is not None and sparse.get("every", 0) > 1:
+    from unet_jax.data import volumes
+    source = volumes.SparseLabels(source, axis=sparse.get("axis", 0), every=sparse.every,
+                                  offset=sparse.get("offset", 0))
   return source
 
 
-def tile_shapes(config: ml_collections.ConfigDict, geometry: Geometry
-                ) -> tuple[tuple[int, int], tuple[int, int]]:
-  """``(input_hw, output_hw)`` of a training tile, ``config.tile_size`` checked against the
-  model's ``geometry`` before any data is read.
+def tile_shapes(config: ml_collections.ConfigDict, geometry: Geometry, spatial_dims: int = 2
+                ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """``(input_size, output_size)`` of a training tile, one size per spatial axis (``(H, W)``,
+  or ``(D, H, W)`` for ``spatial_dims=3``), ``config.tile_size`` checked against the model's
+  ``geometry`` before any data is read.
 
   Raises:
     ValueError: naming the nearest valid sizes when the tile is not a valid model input.
   """
   try:
-    tile = as_hw(config.tile_size)
+    tile = as_sizes(config.tile_size, spatial_dims)
   except ValueError:
     tile = tuple(np.ravel(config.tile_size))
-  if len(tile) != 2:
-    raise ValueError(f"data.tile_size must be (height, width), got {tile}")
+  if len(tile) != spatial_dims:
+    axes = "(depth, height, width)" if spatial_dims == 3 else "(height, width)"
+    raise ValueError(f"data.tile_size must be {axes} for a model with spatial_dims="
+                     f"{spatial_dims}, got {tile}")
   try:
-    output_hw = geometry.check_shape(*tile)
+    output_size = geometry.check_shape(*tile)
   except ValueError as error:
     raise ValueError(f"data.tile_size {tile} is not a valid model input: {error}") from None
-  return tile, output_hw
+  return tile, output_size
 
 
-def _window(array: np.ndarray, top: int, left: int, height: int, width: int, **pad
+def _window(array: np.ndarray, corner: Sequence[int], sizes: Sequence[int], **pad
             ) -> np.ndarray:
-  """``array[top:top + height, left:left + width]``, padded (``np.pad(**pad)``) where the
-  window leaves the array."""
-  rows, cols = array.shape[:2]
-  before = (max(-top, 0), max(-left, 0))
-  after = (max(top + height - rows, 0), max(left + width - cols, 0))
+  """The window of ``sizes`` at ``corner`` over the leading ``len(sizes)`` axes of ``array``,
+  padded (``np.pad(**pad)``) where it leaves the array."""
+  before = [max(-c, 0) for c in corner]
+  after = [max(c + n - extent, 0) for c, n, extent in zip(corner, sizes, array.shape)]
   if any(before) or any(after):
-    widths = ((before[0], after[0]), (before[1], after[1])) + ((0, 0),) * (array.ndim - 2)
+    widths = tuple(zip(before, after)) + ((0, 0),) * (array.ndim - len(sizes))
     array = np.pad(array, widths, **pad)
-    top, left = top + before[0], left + before[1]
-  return array[top:top + height, left:left + width]
+    corner = [c + b for c, b in zip(corner, before)]
+  return array[tuple(slice(c, c + n) for c, n in zip(corner, sizes))]
 
 
-def cut_tile(example: dict[str, np.ndarray], top: int, left: int, *,
-             input_hw: tuple[int, int], output_hw: tuple[int, int]) -> dict[str, np.ndarray]:
-  """The input window around the output window at ``(top, left)`` (mirror-padded), and the
-  label and weight cut to the output window (padded with ``IGNORE`` / 0 beyond the image).
-  ``top`` and ``left`` may be negative or put the window past the far edges."""
-  (m_top, _), (m_left, _) = (crop_offsets(i, o) for i, o in zip(input_hw, output_hw))
-  tile = {"image": _window(example["image"], top - m_top, left - m_left, *input_hw,
-                           mode="symmetric")}
-  tile["label"] = _window(example["label"], top, left, *output_hw, constant_values=IGNORE)
+def cut_tile(example: dict[str, np.ndarray], *corner: int, input_hw: Sequence[int],
+             output_hw: Sequence[int]) -> dict[str, np.ndarray]:
+  """The input window around the output window at ``corner`` (``top, left``, or ``front,
+  top, left`` for volumes; mirror-padded), and the label and weight cut to the output window
+  (padded with ``IGNORE`` / 0 beyond the image). ``input_hw`` and ``output_hw`` give one size
+  per spatial axis. The corner may be negative or put the window past the far edges."""
+  margins = [crop_offsets(i, o)[0] for i, o in zip(input_hw, output_hw)]
+  tile = {"image": _window(example["image"], [c - m for c, m in zip(corner, margins)],
+                           input_hw, mode="symmetric")}
+  tile["label"] = _window(example["label"], corner, output_hw, constant_values=IGNORE)
   if "weight" in example:
-    tile["weight"] = _window(example["weight"], top, left, *output_hw, constant_values=0)
+    tile["weight"] = _window(example["weight"], corner, output_hw, constant_values=0)
   return tile
 
 
 def random_tile(example: dict[str, np.ndarray], rng: np.random.Generator, *,
-                input_hw: tuple[int, int], output_hw: tuple[int, int], flip: bool = True,
+                input_hw: Sequence[int], output_hw: Sequence[int], flip: bool = True,
                 rotate: bool = True, shift: int = 0, elastic: bool = False,
-                elastic_sigma: float = 10.0, elastic_grid: int = 3, brightness: float = 0.0,
+                elastic_sigma: float = 10.0, elastic_grid: int = 3,
+                elastic_spacing: float | None = None, brightness: float = 0.0,
                 contrast: float = 0.0) -> dict[str, np.ndarray]:
-  """A random overlap tile of ``example``, augmented (the keywords are ``data.augment``).
+  """A random overlap tile of ``example`` (an image, or a volume), augmented (the keywords are
+  ``data.augment``).
 
   The output window lies anywhere in the image, and up to ``shift`` px beyond its edges
   (whose labels are ``IGNORE``); then, as enabled: elastic deformation (σ =
-  ``elastic_sigma`` px on an ``elastic_grid``² grid), a mirror, rotations by 90°, brightness
-  and contrast jitter (see :mod:`unet_jax.data.augment`).
+  ``elastic_sigma`` px on a grid of ``elastic_grid`` control points per axis, or of points
+  ``elastic_spacing`` px apart), a mirror, rotations by 90°, brightness and contrast jitter
+  (see :mod:`unet_jax.data.augment`).
   """
-  height, width = example["label"].shape
-  top = int(rng.integers(-shift, max(height - output_hw[0], 0) + shift + 1))
-  left = int(rng.integers(-shift, max(width - output_hw[1], 0) + shift + 1))
+  corner = [int(rng.integers(-shift, max(n - o, 0) + shift + 1))
+            for n, o in zip(example["label"].shape, output_hw)]
   if elastic:
-    field = augment.displacement_field(rng, input_hw, sigma=elastic_sigma, grid=elastic_grid)
+    grid = (augment.grid_for_spacing(input_hw, elastic_spacing) if elastic_spacing
+            else elastic_grid)
+    field = augment.displacement_field(rng, input_hw, sigma=elastic_sigma, grid=grid)
     m = augment.field_margin(field)
     # Growing both windows by 2m keeps them centered on each other (same crop offsets).
-    window = cut_tile(example, top - m, left - m, input_hw=(input_hw[0] + 2 * m,
-                                                            input_hw[1] + 2 * m),
-                      output_hw=(output_hw[0] + 2 * m, output_hw[1] + 2 * m))
+    window = cut_tile(example, *(c - m for c in corner),
+                      input_hw=tuple(n + 2 * m for n in input_hw),
+                      output_hw=tuple(n + 2 * m for n in output_hw))
     tile = augment.elastic_deform(window, field, margin=m, output_hw=output_hw)
   else:
-    tile = cut_tile(example, top, left, input_hw=input_hw, output_hw=output_hw)
+    tile = cut_tile(example, *corner, input_hw=input_hw, output_hw=output_hw)
   tile = augment.flip_rotate(tile, rng, flip=flip, rotate=rotate)
   tile["image"] = augment.jitter(tile["image"], rng, brightness=brightness, contrast=contrast)
   return {k: np.ascontiguousarray(v) for k, v in tile.items()}
+
+
+def _corners(shape: Sequence[int], output_hw: Sequence[int]) -> list[tuple[int, ...]]:
+  """Output-window corners covering ``shape`` exactly once, the last axis fastest."""
+  return list(itertools.product(*(range(0, n, o) for n, o in zip(shape, output_hw))))
 
 
 def covering_tiles(example: dict[str, np.ndarray], *, input_hw, output_hw
                    ) -> list[dict[str, np.ndarray]]:
   """Tiles whose output windows cover every pixel of ``example`` exactly once, in rows (the
   last row and column reach past the far edges, where the labels are ``IGNORE``)."""
-  height, width = example["label"].shape
-  return [cut_tile(example, top, left, input_hw=input_hw, output_hw=output_hw)
-          for top in range(0, height, output_hw[0]) for left in range(0, width, output_hw[1])]
+  return [cut_tile(example, *corner, input_hw=input_hw, output_hw=output_hw)
+          for corner in _corners(example["label"].shape, output_hw)]
 
 
 class WithWeightMap:
@@ -247,8 +280,7 @@ def eval_batches(config: ml_collections.ConfigDict, *, input_hw, output_hw, loca
   num_batches = None
   if process_count > 1:
     labels = source.source if isinstance(source, WithWeightMap) else source
-    total = sum(len(range(0, h, output_hw[0])) * len(range(0, w, output_hw[1]))
-                for h, w in (labels[i]["label"].shape for i in range(len(labels))))
+    total = sum(len(_corners(labels[i]["label"].shape, output_hw)) for i in range(len(labels)))
     num_batches = math.ceil(math.ceil(total / process_count) / local_batch)
   filler, produced = None, 0
   while num_batches is None or produced < num_batches:

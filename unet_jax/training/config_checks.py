@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from unet_jax.geometry import as_hw
+from unet_jax.geometry import as_sizes
 
 # A rule: whether a value is valid, and what a valid value is (for the message).
 Rule = tuple[Callable[[Any], bool], str]
@@ -54,12 +54,15 @@ def optional(rule: Rule, meaning: str) -> Rule:
 
 def size() -> Rule:
   def ok(v) -> bool:
-    try:
-      height, width = as_hw(v)
-    except ValueError:
-      return False
-    return height >= 1 and width >= 1
-  return ok, "(height, width): two integers ≥ 1, or one integer for a square"
+    for spatial_dims in (2, 3):
+      try:
+        if min(as_sizes(v, spatial_dims)) >= 1:
+          return True
+      except ValueError:
+        pass
+    return False
+  return ok, ("(height, width) or (depth, height, width): integers ≥ 1, or one integer for a "
+              "square or a cube")
 
 
 def widths() -> Rule:
@@ -108,6 +111,16 @@ RULES: dict[str, Rule] = {
     "data.augment.shift": integer(0),
     "data.augment.elastic_sigma": number(0),
     "data.augment.elastic_grid": integer(2),
+    "data.augment.elastic_spacing": optional(number(0, open_low=True),
+                                             "elastic_grid control points per axis"),
+    "data.sparse_labels.every": integer(0),
+    "data.sparse_labels.axis": integer(0),
+    "data.sparse_labels.offset": integer(0),
+    "data.synthetic3d.num_train": integer(1),
+    "data.synthetic3d.num_val": integer(1),
+    "data.synthetic3d.size": size(),
+    "data.synthetic3d.seed": integer(0),
+    "model.spatial_dims": one_of(2, 3),
     "data.augment.brightness": number(0, 1),
     "data.augment.contrast": number(0, 1),
     "data.weight_map.w0": number(0),
@@ -141,12 +154,8 @@ def _agreement(config: ml_collections.ConfigDict, num_devices: int | None) -> li
   if names and _is_int(classes) and classes >= 2 and len(names) != classes:
     problems.append(f"--config.data.class_names has {len(names)} name(s) {tuple(names)} but "
                     f"--config.model.num_classes is {classes}; give one name per class")
-  spatial_dims = config.get("model", {}).get("spatial_dims", 2)
-  if spatial_dims != 2:
-    problems.append(f"--config.model.spatial_dims is {spatial_dims!r}: the training pipeline "
-                    f"(data, tiles, augmentation) is 2-D; build 3-D models with "
-                    f"unet_jax.model (spatial_dims=3) in your own loop")
   activation = config.get("model", {}).get("activation")
+  problems += _volume_agreement(config)
   if names and classes == 1 and len(names) != 2:
     problems.append(f"--config.data.class_names has {len(names)} name(s) {tuple(names)}; a "
                     f"binary model (--config.model.num_classes=1) is scored as two classes: "
@@ -181,6 +190,44 @@ def _agreement(config: ml_collections.ConfigDict, num_devices: int | None) -> li
     problems.append(f"--config.data.folder.val_fraction is {folder.get('val_fraction')!r}; "
                     f"without data.folder.val_dir it must be a number in (0, 1), the share "
                     f"of the pairs held out for validation")
+  return problems
+
+
+def _volume_agreement(config: ml_collections.ConfigDict) -> list[str]:
+  """Problems between the model's spatial dimensions, the data and the loss."""
+  problems = []
+  model, data = config.get("model", {}), config.get("data", {})
+  spatial_dims, source = model.get("spatial_dims", 2), data.get("source")
+  if spatial_dims not in (2, 3):
+    return problems
+  volumes = ("volumes", "synthetic3d")
+  if source is not None and (source in volumes) != (spatial_dims == 3):
+    kinds = ("volumes", "a volume source (volumes, synthetic3d)") if spatial_dims == 3 else (
+        "images", "an image source")
+    problems.append(f"--config.data.source is {source!r} but --config.model.spatial_dims is "
+                    f"{spatial_dims}: a model of {kinds[0]} needs {kinds[1]}")
+  tile = data.get("tile_size")
+  if tile is not None and size()[0](tile):
+    try:
+      as_sizes(tile, spatial_dims)
+    except ValueError:
+      axes = "(depth, height, width)" if spatial_dims == 3 else "(height, width)"
+      problems.append(f"--config.data.tile_size is {tile!r}; it must be {axes} or one "
+                      f"integer for a model with spatial_dims={spatial_dims}")
+  if spatial_dims == 3 and data.get("weight_map", {}).get("enabled"):
+    problems.append("--config.data.weight_map.enabled: the border weight map is 2-D; for "
+                    "volumes weight the classes instead (--config.loss.class_weights)")
+  class_weights = config.get("loss", {}).get("class_weights")
+  classes, activation = model.get("num_classes"), model.get("activation")
+  if class_weights is not None and _is_int(classes):
+    if activation == "sigmoid" and classes >= 2:
+      problems.append("--config.loss.class_weights: not defined for multi-label models "
+                      "(--config.model.activation=sigmoid with several classes)")
+    elif not (isinstance(class_weights, (tuple, list))
+              and len(class_weights) == max(classes, 2)
+              and all(_is_finite(w) and w >= 0 for w in class_weights)):
+      problems.append(f"--config.loss.class_weights is {class_weights!r}; it must be "
+                      f"{max(classes, 2)} finite numbers ≥ 0, one per class (background first)")
   return problems
 
 

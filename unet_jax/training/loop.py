@@ -129,7 +129,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, ops: Ops
   kwargs = model_kwargs(config.model)
   num_classes = kwargs["num_classes"]
   model = create_model(kwargs, seed=config.seed, norm_axis_name=AXIS, ops=ops)
-  input_hw, output_hw = pipeline.tile_shapes(config.data, model.geometry)
+  input_hw, output_hw = pipeline.tile_shapes(config.data, model.geometry, model.spatial_dims)
   tx = create_optimizer(config.optimizer, config.num_steps)
   state, train_graphdef, eval_graphdef = create_train_state(model, tx, config.seed)
   state = parallel.replicate(state, mesh)

@@ -100,10 +100,14 @@ def image_grid(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
   """uint8 ``[H, W, 3]``: one row per example: input | label | prediction.
 
   Inputs larger than the outputs (unpadded models) are center-cropped to the output size;
-  ignored label pixels are shown in red.
+  ignored label pixels are shown in red. Volumes show their middle slice.
   """
   rows_out = []
   for image, label, prediction in list(zip(images, labels, predictions))[:rows]:
+    if label.ndim == 3:
+      middle = label.shape[0] // 2
+      image = image[(image.shape[0] - label.shape[0]) // 2 + middle]
+      label, prediction = label[middle], prediction[middle]
     h, w = label.shape
     top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
     gray = image[top:top + h, left:left + w].mean(-1)

@@ -90,10 +90,17 @@ def create_train_state(model: UNet, tx: optax.GradientTransformation, seed: int
 
 def _loss(logits, batch, config: ml_collections.ConfigDict, activation: str) -> jax.Array:
   """This device's share of the global loss: averaging it over devices gives the loss of
-  the whole global batch (a weighted mean over all its pixels, not a mean of means)."""
+  the whole global batch (a weighted mean over all its pixels, not a mean of means).
+
+  The cross-entropy's pixel weights are the product of the weight map (if any), 0 for
+  ``IGNORE`` labels and ``config.class_weights[label]`` (if set); images ``[B, H, W, C]`` and
+  volumes ``[B, D, H, W, C]`` alike."""
   labels = batch["label"]
   valid = (labels != pipeline.IGNORE).astype(jnp.float32)
   weights = batch.get("weight", jnp.ones_like(valid)) * valid
+  class_weights = config.get("class_weights")
+  if class_weights is not None:  # e.g. a down-weighted background (Çiçek et al. 2016)
+    weights = weights * jnp.asarray(class_weights, jnp.float32)[jnp.where(valid > 0, labels, 0)]
   local_total = weights.sum()
   mean_total = jax.lax.pmean(local_total, AXIS)
   ce = losses.weighted_cross_entropy(logits, jnp.where(valid > 0, labels, 0), weights=weights,
@@ -101,7 +108,8 @@ def _loss(logits, batch, config: ml_collections.ConfigDict, activation: str) -> 
   ce = ce * local_total / jnp.maximum(mean_total, 1e-12)
   if config.name == "cross_entropy":
     return ce
-  dice = losses.dice_loss(logits, labels, ignore_index=pipeline.IGNORE, activation=activation)
+  dice = losses.dice_loss(logits, labels, ignore_index=pipeline.IGNORE, activation=activation,
+                          spatial_dims=logits.ndim - 2)
   if config.name == "dice":
     return dice
   if config.name == "dice_ce":
