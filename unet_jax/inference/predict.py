@@ -1,7 +1,9 @@
-"""Overlap-tile prediction (Ronneberger et al. 2015, Fig. 2) for images of any size; CLI.
+"""Overlap-tile prediction (Ronneberger et al. 2015, Fig. 2) for images and volumes of any
+size; CLI.
 
-The image is mirrored beyond its border, cut into tiles of one valid input size, the tiles
-go through the network in fixed-size batches, and the outputs are stitched back:
+The image (volume) is mirrored beyond its border, cut into tiles of one valid input size, the
+tiles go through the network in fixed-size batches, and the outputs are stitched back. Images
+and volumes share one implementation, per axis (``unet_jax.inference.tiling``):
 
 * unpadded models (``'valid'`` encoder and decoder) predict each output pixel from its full
   context, so the outputs tile exactly, as in the paper. Tiles step by the output size
@@ -14,15 +16,17 @@ go through the network in fixed-size batches, and the outputs are stitched back:
 * models that pad up-sampled maps to their skips (``skip_fit="pad"``, milesial's) take any
   size, and by default see each image whole in one pass (up to ``WHOLE_IMAGE_LIMIT`` pixels
   per side), exactly as milesial's own ``predict.py`` does; ``tile_size="image"`` asks for
-  that pass explicitly, for any model that accepts the image's size.
+  that pass explicitly, for any model that accepts the image's size. Volumes are always tiled.
 
-Probabilities and decisions follow the model's head (``unet_jax.heads``): softmax classes, a
-binary sigmoid, or one sigmoid per class (multi-label); test-time augmentation and blending
-average the probabilities of that kind.
+``predict_image`` takes a 2-D U-Net and ``[H, W(, C)]``; ``predict_volume`` a
+``UNet(spatial_dims=3)`` and ``[D, H, W(, C)]``, holding one batch of tiles on the device and
+the result on the host. Probabilities and decisions follow the model's head
+(``unet_jax.heads``): softmax classes, a binary sigmoid, or one sigmoid per class
+(multi-label); test-time augmentation and blending average the probabilities of that kind.
 
 All tiles of every image go through one jitted function (``predict_tiles``): it compiles once
 per model, tile size, batch size and device set, never per image. With several devices each
-batch is split over them. Command line::
+batch is split over them. Command line (images, or volumes for a 3-D checkpoint)::
 
   python -m unet_jax.predict --checkpoint workdir/ --input images/ --output predictions/
 """
@@ -32,131 +36,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import os
 import pathlib
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from unet_jax import heads
-from unet_jax.training import parallel
-from unet_jax.geometry import Geometry, crop_offsets
+from unet_jax.geometry import Geometry
+from unet_jax.inference import tiling
 from unet_jax.inference.images import (IMAGE_SUFFIXES, class_mask, list_images, match_channels,
                              overlay, page_names, read_image, to_float)
+# The tiling core, importable from here as before it moved.
+from unet_jax.inference.tiling import (DEFAULT_OUTPUT, AxisPlan, blends,  # noqa: F401
+                                       check_batch_size, cut_tiles, default_tile_size,
+                                       gaussian_window, mirror_indices, plan_axis,
+                                       predict_tiles)
 
-DEFAULT_OUTPUT = 388  # the paper's output tile
 WHOLE_IMAGE_LIMIT = 2048  # pad-to-skip models see images up to this size per side whole
 WHOLE = "image"  # tile_size that asks for one pass over the whole image
-# Default tile outputs: a few sizes only, so a folder of odd-sized images compiles few shapes.
-_OUTPUT_LADDER = (64, 128, 256, DEFAULT_OUTPUT)
-
-
-@dataclasses.dataclass(frozen=True)
-class AxisPlan:
-  """Where the tiles go along one image axis; positions in image pixels.
-
-  Attributes:
-    input_size, output_size: the tile's input and output sizes.
-    margin: input pixels before the tile's output window.
-    stride: step between tiles (a multiple of ``2**depth``).
-    context: output pixels predicted beyond each image edge (0 for unpadded models).
-    starts: where each tile's output window starts (the first at ``-context``).
-  """
-
-  input_size: int
-  output_size: int
-  margin: int
-  stride: int
-  context: int
-  starts: tuple[int, ...]
-
-
-def blends(geometry: Geometry) -> bool:
-  """Whether tiles must overlap and be blended (any ``'same'`` convolution)."""
-  return "same" in (geometry.encoder_padding, geometry.decoder_padding)
-
-
-def plan_axis(geometry: Geometry, size: int, tile: int, *, overlap: float = 0.5) -> AxisPlan:
-  """The tiles covering ``size`` pixels with input tiles of ``tile`` pixels.
-
-  ``overlap`` (a fraction of the output tile) applies to models that blend; unpadded models
-  tile exactly.
-  """
-  geometry.check(tile, name="tile")
-  output = geometry.output_size(tile)
-  grid = 2**geometry.depth
-  if not 0.0 <= overlap < 1.0:
-    raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-  if blends(geometry):
-    stride = int(output * (1 - overlap)) // grid * grid
-    context = -(-(output - stride) // (2 * grid)) * grid  # half the overlap, on the grid
-  else:
-    stride, context = output // grid * grid, 0
-  if stride < grid:
-    needed = int(np.ceil(grid / (1 - overlap))) if blends(geometry) else grid
-    raise ValueError(
-        f"a {tile}-pixel tile gives a {output}-pixel output, too small to step by a multiple "
-        f"of {grid} (2**depth){' with overlap ' + str(overlap) if blends(geometry) else ''}; "
-        f"use a tile of at least {geometry.input_size_for(needed)} pixels")
-  count = 1 + max(0, -(-(size + 2 * context - output) // stride))
-  return AxisPlan(tile, output, crop_offsets(tile, output)[0], stride, context,
-                  tuple(-context + i * stride for i in range(count)))
-
-
-def default_tile_size(geometry: Geometry, size: int) -> int:
-  """A tile whose output covers ``min(size, 388)`` pixels, from a short ladder of sizes."""
-  target = min(size, DEFAULT_OUTPUT)
-  output = next(o for o in _OUTPUT_LADDER if o >= target)
-  return geometry.input_size_for(output)
-
-
-def gaussian_window(height: int, width: int) -> np.ndarray:
-  """``[H, W]`` blending weights: a Gaussian with σ = 1/8 of the tile, peak 1 (nnU-Net's)."""
-  def axis(n):
-    x = np.arange(n) - (n - 1) / 2
-    return np.exp(-x**2 / (2 * (n / 8) ** 2))
-  return np.outer(axis(height), axis(width)).astype(np.float32)
-
-
-def _transforms(square: bool) -> list[tuple[int, bool]]:
-  """(quarter turns, horizontal flip) pairs: the 8 symmetries of a square, or the 4 that
-  keep a rectangle's shape."""
-  return [(turns, flip) for turns in ((0, 1, 2, 3) if square else (0, 2))
-          for flip in (False, True)]
-
-
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("tta",))
-def predict_tiles(graphdef: nnx.GraphDef, state: nnx.State, tiles: jax.Array, *,
-                  tta: bool = False) -> jax.Array:
-  """Probabilities ``[B, h', w', classes]`` for input tiles ``[B, h, w, channels]``, of the
-  model's kind (``unet_jax.heads``: softmax, or sigmoid per channel).
-
-  With ``tta`` the probabilities are averaged over the flips and quarter turns of each tile
-  (turns only for square tiles), each mapped back before averaging.
-  """
-  model = nnx.merge(graphdef, state)
-  if not tta:
-    return heads.probabilities(model(tiles), model.activation)
-  total = 0.0
-  transforms = _transforms(tiles.shape[1] == tiles.shape[2])
-  for turns, flip in transforms:
-    x = jnp.rot90(tiles, turns, axes=(1, 2))
-    y = heads.probabilities(model(x[:, :, ::-1] if flip else x), model.activation)
-    total = total + jnp.rot90(y[:, :, ::-1] if flip else y, -turns, axes=(1, 2))
-  return total / len(transforms)
-
-
-def _mirror(index: np.ndarray, size: int) -> np.ndarray:
-  """Indices into ``size`` pixels mirrored beyond both ends, as ``np.pad(mode="symmetric")``
-  repeated as often as needed (any width, even for a 1-pixel image)."""
-  index = np.mod(index, 2 * size)
-  return np.where(index >= size, 2 * size - 1 - index, index)
+_mirror = mirror_indices
 
 
 def predict_image(model: nnx.Module, image: np.ndarray, *,
@@ -183,70 +86,81 @@ def predict_image(model: nnx.Module, image: np.ndarray, *,
     tta: average over flips (and quarter turns, for square tiles).
     devices: devices the batch is split over (default: all local devices).
   """
-  image = _check_image(to_float(image), model.in_channels)
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or (
-      batch_size < 1):
-    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-  geometry = model.geometry
-  mesh = parallel.make_mesh(list(devices) if devices is not None else jax.local_devices())
-  graphdef, state = _eval_split(model)
-  state = jax.device_put(state, parallel.replicated(mesh))
-  if _whole(geometry, tile_size, image.shape[:2]):
+  _check_dims(model, 2, "predict_image", "predict_volume")
+  image = _check_array(to_float(image), model.in_channels, spatial_dims=2)
+  check_batch_size(batch_size)
+  if _whole(model.geometry, tile_size, image.shape[:2]):
     try:
-      geometry.check_shape(*image.shape[:2])
+      model.geometry.check_shape(*image.shape[:2])
     except ValueError as error:
       raise ValueError(f"tile_size {WHOLE!r} (the whole image): {error}") from None
-    tiles = np.zeros((mesh.size, *image.shape), np.float32)
-    tiles[0] = image
-    tiles = jax.device_put(tiles, parallel.batch_sharding(mesh))
-    return np.asarray(predict_tiles(graphdef, state, tiles, tta=tta)[0])
-  tiles_hw = _tile_size(geometry, tile_size, image.shape[:2])
-  plans = [plan_axis(geometry, n, t, overlap=overlap) for n, t in zip(image.shape, tiles_hw)]
-  batch = -(-batch_size // mesh.size) * mesh.size
-  stitcher = _Stitcher(plans, image.shape[:2], model.num_classes, blend=blends(geometry))
-  positions = [(y, x) for y in plans[0].starts for x in plans[1].starts]
-  pending = None
-  for first in range(0, len(positions), batch):
-    chunk = positions[first:first + batch]
-    tiles = jax.device_put(cut_tiles(image, plans, chunk, batch), parallel.batch_sharding(mesh))
-    probabilities = predict_tiles(graphdef, state, tiles, tta=tta)
-    if pending is not None:  # gather the previous batch while this one runs
-      stitcher.add(*pending)
-    pending = chunk, probabilities
-  stitcher.add(*pending)
-  return stitcher.result()
+    return tiling.predict_whole(model, image, tta=tta, devices=devices)
+  tile = tiling.tile_shape(model.geometry, tile_size, image.shape[:2])
+  return tiling.overlap_tile(model, image, tile, batch_size=batch_size, overlap=overlap,
+                             tta=tta, devices=devices)
 
 
-def cut_tiles(image: np.ndarray, plans: Sequence[AxisPlan], positions: list[tuple[int, int]],
-              batch: int) -> np.ndarray:
-  """Input tiles ``[batch, h, w, C]`` around the output windows at ``positions`` (image
-  mirrored beyond its border); zeros after the last position."""
-  height, width = (p.input_size for p in plans)
-  tiles = np.zeros((batch, height, width, image.shape[-1]), np.float32)
-  for i, (y, x) in enumerate(positions):
-    rows = _mirror(np.arange(height) + y - plans[0].margin, image.shape[0])
-    cols = _mirror(np.arange(width) + x - plans[1].margin, image.shape[1])
-    tiles[i] = image[np.ix_(rows, cols)]
-  return tiles
+def predict_volume(model: nnx.Module, volume: np.ndarray, *,
+                   tile_size: int | Sequence[int] | None = None, batch_size: int = 1,
+                   overlap: float = 0.5, tta: bool = False,
+                   devices: Sequence[jax.Device] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+  """Probabilities ``[D, H, W, num_classes]`` (float32) of a 3-D U-Net for one volume, tiled
+  as ``predict_image`` tiles images: exactly for unpadded models (the result equals one pass
+  over the whole mirrored volume), blended with a 3-D Gaussian window for padded ones.
+
+  Memory: the device holds the model and one batch of tiles (and its activations) at a time;
+  the host holds the volume as float32, the result (``D·H·W·classes·4`` bytes: 1 GiB for a
+  512³ volume and two classes) and, for blending models, the summed weights (``D·H·W·4``
+  bytes). Tiles are gathered from the volume through mirrored indices, batch by batch; no
+  padded copy of the volume is made.
+
+  Args:
+    model: a ``UNet(spatial_dims=3)`` (used in eval mode; the model passed in is not changed).
+    volume: ``[D, H, W]`` or ``[D, H, W, in_channels]``, any size ≥ 1×1×1; uint8 / uint16 are
+      scaled to ``[0, 1]``, floats used as they are.
+    tile_size: the tile's input size, an int (a cube) or ``(depth, height, width)``, each a
+      valid input size of the model. Default: per axis, a tile whose output covers
+      ``min(size, 64)`` voxels, taken from the ladder 16, 32, 64 so few shapes compile.
+    batch_size: tiles per network call, rounded up to a multiple of the device count; the
+      last batch is padded, so every call has the same shape.
+    overlap: fraction of the output tile shared by neighbouring tiles, for models with
+      padded convolutions (unpadded models tile exactly and ignore it).
+    tta: average over the 8 combinations of flips along depth, height and width.
+    devices: devices each batch is split over (default: all local devices).
+    progress: called as ``progress(tiles_done, tiles_total)`` after each batch.
+  """
+  _check_dims(model, 3, "predict_volume", "predict_image")
+  volume = _check_array(to_float(volume, name="volume"), model.in_channels, spatial_dims=3)
+  check_batch_size(batch_size)
+  tile = tiling.tile_shape(model.geometry, tile_size, volume.shape[:3])
+  return tiling.overlap_tile(model, volume, tile, batch_size=batch_size, overlap=overlap,
+                             tta=tta, devices=devices, progress=progress)
 
 
-def _check_image(image: np.ndarray, channels: int) -> np.ndarray:
-  image = image[..., None] if image.ndim == 2 else image
-  if image.ndim != 3:
-    raise ValueError(f"expected an image [H, W] or [H, W, C], got shape {image.shape}")
-  if image.shape[0] < 1 or image.shape[1] < 1:
-    raise ValueError(f"the image is empty (shape {image.shape}); it needs at least 1×1 pixels")
-  if image.shape[-1] != channels:
-    raise ValueError(f"this U-Net takes {channels} channel(s), the image has "
-                     f"{image.shape[-1]} (shape {image.shape}); see match_channels")
-  return image
+def _check_dims(model: nnx.Module, dims: int, function: str, other: str) -> None:
+  have = getattr(model, "spatial_dims", 2)
+  if have != dims:
+    raise ValueError(f"{function} needs a {dims}-D U-Net (spatial_dims={dims}); this one has "
+                     f"spatial_dims={have}: use {other}")
 
 
-def _eval_split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-  """``nnx.split`` of an eval-mode view of ``model``, leaving ``model`` as it is."""
-  view = nnx.merge(*nnx.split(model))
-  view.eval()
-  return nnx.split(view)
+def _check_array(array: np.ndarray, channels: int, *, spatial_dims: int) -> np.ndarray:
+  """``array`` with a channel axis, checked against the model's channels."""
+  what, axes = ("image", "H, W") if spatial_dims == 2 else ("volume", "D, H, W")
+  array = array[..., None] if array.ndim == spatial_dims else array
+  if array.ndim != spatial_dims + 1:
+    hint = ("; a 2-D array is an image: use predict_image with a 2-D U-Net"
+            if spatial_dims == 3 and array.ndim == 2 else "")
+    raise ValueError(f"expected {'an' if what == 'image' else 'a'} {what} [{axes}] or "
+                     f"[{axes}, C], got shape {array.shape}{hint}")
+  if min(array.shape[:-1]) < 1:
+    raise ValueError(f"the {what} is empty (shape {array.shape}); it needs at least "
+                     f"{'×'.join('1' * spatial_dims)} {'pixels' if what == 'image' else 'voxels'}")
+  if array.shape[-1] != channels:
+    raise ValueError(f"this U-Net takes {channels} channel(s), the {what} has "
+                     f"{array.shape[-1]} (shape {array.shape}); see match_channels")
+  return array
 
 
 def _whole(geometry: Geometry, tile_size, image_hw) -> bool:
@@ -259,48 +173,6 @@ def _whole(geometry: Geometry, tile_size, image_hw) -> bool:
     return True
   return (tile_size is None and geometry.skip_fit == "pad"
           and max(image_hw) <= WHOLE_IMAGE_LIMIT)
-
-
-def _tile_size(geometry: Geometry, tile_size, image_hw) -> tuple[int, int]:
-  if tile_size is None:
-    return tuple(default_tile_size(geometry, n) for n in image_hw)
-  tile_hw = (tile_size, tile_size) if np.ndim(tile_size) == 0 else tuple(tile_size)
-  if len(tile_hw) != 2:
-    raise ValueError(f"tile_size must be an int or (height, width), got {tile_size!r}")
-  try:
-    geometry.check_shape(*tile_hw)
-  except ValueError as error:
-    raise ValueError(f"tile_size {tile_size!r}: {error}") from None
-  return tuple(int(t) for t in tile_hw)
-
-
-class _Stitcher:
-  """Writes tile outputs into the image (unpadded models) or blends them (padded ones)."""
-
-  def __init__(self, plans: Sequence[AxisPlan], image_hw, num_classes: int, *, blend: bool):
-    self.plans, self.image_hw, self.blend = plans, tuple(image_hw), blend
-    self.output_hw = tuple(p.output_size for p in plans)
-    canvas = [p.starts[-1] + p.output_size + p.context for p in plans]
-    self.total = np.zeros((*canvas, num_classes), np.float32)
-    if blend:
-      self.weight = np.zeros(canvas, np.float32)
-      self.window = gaussian_window(*self.output_hw)
-
-  def add(self, positions: list[tuple[int, int]], probabilities: jax.Array) -> None:
-    probabilities = np.asarray(probabilities)
-    (oh, ow), (cy, cx) = self.output_hw, (p.context for p in self.plans)
-    for (y, x), tile in zip(positions, probabilities):
-      where = np.s_[y + cy:y + cy + oh, x + cx:x + cx + ow]
-      if self.blend:
-        self.total[where] += tile * self.window[..., None]
-        self.weight[where] += self.window
-      else:  # neighbours agree on their few shared pixels
-        self.total[where] = tile
-
-  def result(self) -> np.ndarray:
-    (cy, cx), (h, w) = (p.context for p in self.plans), self.image_hw
-    total = self.total[cy:cy + h, cx:cx + w]
-    return total / self.weight[cy:cy + h, cx:cx + w, None] if self.blend else total
 
 
 def mask_image(classes: np.ndarray, mask_values: Sequence) -> np.ndarray:
