@@ -46,7 +46,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.seed = 0
   config.data.channels = 1
   config.data.synthetic3d = ml_collections.ConfigDict(dict(
-      num_train=64, num_val=4, size=(116, 160, 160), seed=0, cell_size=14.0))
+      num_train=64, num_val=4, size=(116, 160, 160), seed=0, cell_size=22.0))
   config.data.class_names = ("membrane", "cell")
   config.data.tile_size = (116, 132, 132)  # (depth, height, width) → (28, 44, 44)
   config.data.augment = ml_collections.ConfigDict(dict(
@@ -54,6 +54,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       elastic_spacing=32.0, brightness=0.1, contrast=0.1))
   config.data.weight_map = ml_collections.ConfigDict(dict(enabled=False))
   config.data.sparse_labels = ml_collections.ConfigDict(dict(every=0, axis=0, offset=0))
+  config.data.cache_mb = 4096  # whole synthetic volumes drawn once, kept in memory
   config.data.num_threads = 4
   config.data.prefetch = 4
 
@@ -77,7 +78,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model.features = (16, 32, 64)
     config.model.upsample = "transpose"
     config.data.synthetic3d.size = (48, 48, 48)
-    config.data.synthetic3d.num_train = 256
+    config.data.synthetic3d.num_train = 64
     config.data.synthetic3d.num_val = 4
     config.data.tile_size = (32, 32, 32)
     config.data.augment.elastic = False

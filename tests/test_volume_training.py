@@ -196,3 +196,22 @@ def test_a_3d_run_trains_evaluates_and_resumes_exactly(tmp_path):
   resumed = read_tree(tmp_path / "resumed" / "checkpoints" / "4" / "state")
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_cached_sources_draw_each_example_once_within_the_budget():
+  calls = []
+
+  class Counting:
+    def __len__(self):
+      return 3
+
+    def __getitem__(self, index):
+      calls.append(index)
+      return _volume((4, 4, 4), seed=index)  # 64·4 + 64·4 = 512 bytes
+
+  cached = pipeline.Cached(Counting(), max_bytes=1024)
+  first = [cached[i]["image"] for i in (0, 1, 2)]
+  again = [cached[i]["image"] for i in (0, 1, 2)]
+  assert calls == [0, 1, 2, 2]  # examples 0 and 1 fill the budget; 2 is drawn every time
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)

@@ -16,6 +16,15 @@ gray value variations" — with few training images, the paper's key augmentatio
 * :func:`jitter`: brightness and contrast, the "gray value variations";
 * shifts of the tile beyond the image edges are drawn by ``pipeline.random_tile``.
 
+**Volumes** (``[D, H, W, C]`` tiles) take the same steps per axis: Çiçek et al. (2016) draw
+the displacement vectors on a grid with 32-voxel spacing (``elastic_spacing``, see
+:func:`grid_for_spacing`) with σ = 4 voxels and interpolate them with B-splines; here, as in
+2-D, a natural cubic spline per axis, then cubic (image) and nearest (label) sampling with
+``scipy.ndimage.map_coordinates``, which works in any number of dimensions. Flips mirror the
+width and, independently, the depth; turns are in the ``H, W`` plane, so an anisotropic depth
+axis keeps its place. (``elasticdeform``, the usual N-D package for this, ships wheels built
+against NumPy 1 that fail to import under NumPy 2, so it is not used.)
+
 **Where elastic deformation happens.** The field is drawn for the input tile, and the image is
 sampled from a window of the *whole example* around it, grown by the largest displacement: the
 tile then shows real context, not a reflection of its own edge, and only a window a little

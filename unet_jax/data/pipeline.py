@@ -9,7 +9,8 @@ volumes. Each is random access and gives whole examples ``{"image": float32 [H, 
 [0, 1], "label": int32 [H, W]}``, or ``[D, H, W, C]`` and ``[D, H, W]`` for volumes, where
 everything below works per axis alike. ``data.sparse_labels`` (``every`` > 1, ``axis``,
 ``offset``) keeps the training labels of every ``every``-th slice only, as in Çiçek et al.'s
-sparse annotation (validation stays dense).
+sparse annotation (validation stays dense). ``data.cache_mb`` keeps whole examples in memory
+once read (:class:`Cached`), for sources slow to read or draw.
 
 Training tiles are cut the paper's way (overlap-tile): a random output window of the model's
 output size, and around it the input window of the model's input size, mirror-padded where
@@ -40,7 +41,7 @@ from unet_jax.geometry import Geometry, as_hw, as_sizes, crop_offsets
 from unet_jax.weight_map import weight_map
 
 __all__ = ["IGNORE", "make_source", "tile_shapes", "cut_tile", "random_tile", "covering_tiles",
-           "WithWeightMap", "train_dataset", "train_iterator", "eval_batches"]
+           "WithWeightMap", "Cached", "train_dataset", "train_iterator", "eval_batches"]
 
 def _volumes(config, split, *, channels):
   from unet_jax.data import volumes
@@ -213,8 +214,35 @@ class WithWeightMap:
     return f"WithWeightMap({self.source!r})"
 
 
+class Cached:
+  """``source``'s examples kept in memory once read, up to ``max_bytes`` in all (the first
+  examples asked for; in each worker process): for sources that are slow to read or draw
+  and small enough to hold, such as synthetic volumes (``data.cache_mb``)."""
+
+  def __init__(self, source, *, max_bytes: int):
+    self.source, self.max_bytes, self.used = source, max_bytes, 0
+    self._cache: dict[int, dict[str, np.ndarray]] = {}
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    example = self._cache.get(index)
+    if example is None:
+      example = self.source[index]
+      size = sum(v.nbytes for v in example.values())
+      if self.used + size <= self.max_bytes:
+        self._cache[index], self.used = example, self.used + size
+    return example
+
+  def __repr__(self) -> str:
+    return f"Cached({self.source!r}, max_bytes={self.max_bytes})"
+
+
 def _source(config: ml_collections.ConfigDict, split: str):
   source = make_source(config, split)
+  if config.get("cache_mb"):
+    source = Cached(source, max_bytes=int(config.cache_mb * 2**20))
   return WithWeightMap(source, config.weight_map) if config.weight_map.enabled else source
 
 

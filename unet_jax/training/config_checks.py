@@ -121,6 +121,7 @@ RULES: dict[str, Rule] = {
     "data.synthetic3d.size": size(),
     "data.synthetic3d.seed": integer(0),
     "model.spatial_dims": one_of(2, 3),
+    "data.cache_mb": number(0),
     "data.augment.brightness": number(0, 1),
     "data.augment.contrast": number(0, 1),
     "data.weight_map.w0": number(0),
