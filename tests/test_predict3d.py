@@ -161,3 +161,52 @@ def test_tiles_are_cut_lazily_one_fixed_batch_at_a_time(monkeypatch, padding):
   # a mirrored copy of the volume would add more than a volume's worth.
   needed = volume.nbytes * (3 if padding == "same" else 2) + 4 * shapes[0][0] * tile**3 * 4
   assert peak < needed + volume.nbytes // 2, (peak, needed)
+
+
+def test_command_line_predicts_volumes_in_their_own_format(tmp_path, capsys):
+  nibabel = pytest.importorskip("nibabel")
+  import tifffile
+  from PIL import Image
+
+  from unet_jax.data import volumes
+  from unet_jax.interop import convert
+  from unet_jax.model import config_of
+  net = tiny3d()
+  convert.save_flax(net, config_of(net), tmp_path / "model")
+  rng = np.random.default_rng(5)
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  np.save(inputs / "a.npy", rng.integers(0, 256, (10, 12, 14), dtype=np.uint8))
+  tifffile.imwrite(inputs / "b.tif", rng.integers(0, 256, (6, 9, 11), dtype=np.uint8))
+  affine = np.diag([0.5, 0.7, 2.0, 1.0])
+  affine[:3, 3] = (10, -20, 30)
+  nibabel.save(nibabel.Nifti1Image(rng.random((9, 8, 7), dtype=np.float32), affine),
+               inputs / "c.nii.gz")
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(inputs / "d.png")
+  out = tmp_path / "out"
+  status = predict.main(["--checkpoint", str(tmp_path / "model"), "--input", str(inputs),
+                         "--output", str(out), "--save-probabilities"])
+  captured = capsys.readouterr()
+  assert status == 1 and "wrote 3 of 4 volume file(s)" in captured.out
+  assert "d.png: ValueError: an image file, but this U-Net is 3-D" in captured.err
+  for name, suffix in [("a", ".npy"), ("b", ".tif"), ("c", ".nii.gz")]:
+    voxels = volumes.read_volume(inputs / f"{name}{suffix}")
+    expected = predict.predict_volume(net, volumes.to_unit_volume(voxels, 1, name=name),
+                                      devices=ONE)
+    mask = volumes.read_volume(out / f"{name}_mask{suffix}")
+    np.testing.assert_array_equal(mask, expected.argmax(-1))
+    np.testing.assert_allclose(volumes.read_volume(out / f"{name}_probabilities{suffix}"),
+                               expected, atol=1e-6)
+  np.testing.assert_allclose(nibabel.load(out / "c_mask.nii.gz").affine, affine)
+
+
+def test_command_line_refuses_volumes_for_a_two_d_model(tmp_path, capsys):
+  from unet_jax.interop import convert
+  from unet_jax.model import config_of
+  net = UNet(1, 2, features=(4, 8), rngs=nnx.Rngs(0))
+  convert.save_flax(net, config_of(net), tmp_path / "model")
+  np.save(tmp_path / "v.npy", np.zeros((4, 20, 20), np.uint8))
+  assert predict.main(["--checkpoint", str(tmp_path / "model"), "--input",
+                       str(tmp_path / "v.npy"), "--output", str(tmp_path / "out")]) == 1
+  assert ("v.npy: ValueError: a volume file, but this U-Net is 2-D and predicts images"
+          in capsys.readouterr().err)

@@ -49,8 +49,9 @@ from flax import nnx
 from unet_jax import heads
 from unet_jax.geometry import Geometry
 from unet_jax.inference import tiling
-from unet_jax.inference.images import (IMAGE_SUFFIXES, class_mask, list_images, match_channels,
-                             overlay, page_names, read_image, to_float)
+from unet_jax.inference.images import (IMAGE_SUFFIXES, class_mask,  # noqa: F401
+                                      list_images, match_channels, overlay, page_names,
+                                      read_image, to_float)
 # The tiling core, importable from here as before it moved.
 from unet_jax.inference.tiling import (DEFAULT_OUTPUT, AxisPlan, blends,  # noqa: F401
                                        check_batch_size, cut_tiles, default_tile_size,
@@ -59,7 +60,7 @@ from unet_jax.inference.tiling import (DEFAULT_OUTPUT, AxisPlan, blends,  # noqa
 
 WHOLE_IMAGE_LIMIT = 2048  # pad-to-skip models see images up to this size per side whole
 WHOLE = "image"  # tile_size that asks for one pass over the whole image
-_mirror = mirror_indices
+_mirror = mirror_indices  # its name here before the core moved
 
 
 def predict_image(model: nnx.Module, image: np.ndarray, *,
@@ -243,6 +244,47 @@ def predict_file(model: nnx.Module, path: pathlib.Path, output: pathlib.Path, *,
   return written
 
 
+def predict_volume_file(model: nnx.Module, path: pathlib.Path, output: pathlib.Path, *,
+                        name: str | None = None, save_probabilities: bool = False,
+                        class_names: Sequence[str] | None = None, intensity: str = "auto",
+                        **options) -> list[pathlib.Path]:
+  """Predict one volume file (``unet_jax.data.volumes``: TIFF stack, NIfTI or ``.npy``) and
+  write its results in the input's format; return the written paths.
+
+  * ``<name>_mask<suffix>``: the class ids ``[D, H, W]`` (uint8, uint16 past 256 classes); a
+    multi-label model writes ``<name>_mask_<class><suffix>`` (0/1) per class instead;
+  * ``<name>_probabilities<suffix>`` with ``save_probabilities``: ``[D, H, W, C]`` float32.
+
+  NIfTI results carry the input's affine and header, so they lie where the input lies. The
+  voxels become ``[0, 1]`` as training makes them (``volumes.to_unit_volume``, ``intensity``);
+  ``options`` go to ``predict_volume``.
+  """
+  from unet_jax.data import volumes
+  voxels, meta = volumes.read_volume(path, with_meta=True)
+  volume = volumes.to_unit_volume(voxels, model.in_channels, name=str(path),
+                                  intensity=intensity)
+  del voxels
+  probabilities = predict_volume(model, volume, **options)
+  suffix = path.name[len(volumes.volume_stem(path)):]
+  name = name or volumes.volume_stem(path)
+  decisions = heads.decide(probabilities, model.activation)
+  written = []
+  if decisions.ndim == probabilities.ndim:  # multi-label: one mask per class
+    names = class_names or [str(c) for c in range(model.num_classes)]
+    masks = {f"{name}_mask_{n}{suffix}": decisions[..., c].astype(np.uint8)
+             for c, n in enumerate(names)}
+  else:
+    classes = heads.metric_classes(model.activation, model.num_classes)
+    masks = {f"{name}_mask{suffix}": decisions.astype(np.uint8 if classes <= 256 else np.uint16)}
+  for file_name, mask in masks.items():
+    written.append(output / file_name)
+    volumes.write_volume(written[-1], mask, reference=meta)
+  if save_probabilities:
+    written.append(output / f"{name}_probabilities{suffix}")
+    volumes.write_volume(written[-1], probabilities, reference=meta)
+  return written
+
+
 def add_prediction_flags(parser: argparse.ArgumentParser) -> None:
   """The flags shared with ``unet_jax.evaluate``."""
   parser.add_argument("--checkpoint", required=True, help="a training workdir, a converted "
@@ -256,10 +298,11 @@ def add_prediction_flags(parser: argparse.ArgumentParser) -> None:
                      help="with a training workdir: the best checkpoint kept by training, by "
                      "the run's checkpoint.best_metric")
   parser.add_argument("--tile-size", type=_tile_size_flag, default=None,
-                      help="tile input size: N, HxW (valid input sizes of the model) or "
-                      f"'{WHOLE}' for one pass over each whole image (default: the whole "
-                      f"image for pad-to-skip models up to {WHOLE_IMAGE_LIMIT} px per side, "
-                      "else tiles whose output covers min(image, 388) per axis)")
+                      help="tile input size: N, HxW or DxHxW for volumes (valid input sizes "
+                      f"of the model) or '{WHOLE}' for one pass over each whole image "
+                      f"(default: the whole image for pad-to-skip models up to "
+                      f"{WHOLE_IMAGE_LIMIT} px per side, else tiles whose output covers "
+                      "min(image, 388) per axis; min(volume, 64) for volumes)")
   parser.add_argument("--batch-size", type=_positive_int, default=4,
                       help="tiles per network call (≥ 1)")
   parser.add_argument("--overlap", type=float, default=0.5,
@@ -294,8 +337,8 @@ def _tile_size_flag(text: str):
     sizes = [int(part) for part in text.lower().replace("×", "x").split("x")]
   except ValueError:
     sizes = []
-  if len(sizes) not in (1, 2) or min(sizes) < 1:
-    raise argparse.ArgumentTypeError(f"expected N, HxW or '{WHOLE}', got {text!r}")
+  if len(sizes) not in (1, 2, 3) or min(sizes) < 1:
+    raise argparse.ArgumentTypeError(f"expected N, HxW, DxHxW or '{WHOLE}', got {text!r}")
   return sizes[0] if len(sizes) == 1 else tuple(sizes)
 
 
@@ -306,20 +349,28 @@ class Loaded:
   step: int | None
   class_names: tuple[str, ...] | None
   mask_values: list | None
+  intensity: str | None = None  # a training run's data.volumes.intensity
 
 
 def describe_checkpoint(path: str | pathlib.Path, config: dict, step: int | None) -> Loaded:
   """Class names (the training run's ``data.class_names``, or a converted model's
-  ``class_names``) and mask values (a converted milesial checkpoint's) of a checkpoint."""
+  ``class_names``), mask values (a converted milesial checkpoint's) and how volumes were
+  scaled (the training run's ``data.volumes.intensity``) of a checkpoint."""
   import json
   path = pathlib.Path(path)
-  names = config.get("class_names")
-  if names is None and (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+  data = {}
+  if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
     try:
-      names = json.loads((path / "config.json").read_text())["train"]["data"]["class_names"]
+      data = json.loads((path / "config.json").read_text())["train"]["data"]
     except (KeyError, TypeError, ValueError):
-      names = None
-  return Loaded(step, tuple(names) if names else None, config.get("mask_values"))
+      data = {}
+  data = data if isinstance(data, dict) else {}
+  names = config.get("class_names")
+  if names is None:
+    names = data.get("class_names")
+  volumes = data.get("volumes")
+  intensity = volumes.get("intensity") if isinstance(volumes, dict) else None
+  return Loaded(step, tuple(names) if names else None, config.get("mask_values"), intensity)
 
 
 @contextlib.contextmanager
@@ -416,48 +467,127 @@ def report_failures(failures: dict[str, str]) -> int:
   return 1 if failures else 0
 
 
+def list_inputs(path: str | os.PathLike) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
+  """``(files, unsupported)``: images and volumes (``unet_jax.data.volumes``) of a file or a
+  folder (not recursive; see :mod:`unet_jax.data.listing`); ``ValueError`` when there is
+  neither. Of a folder, ``unsupported`` are its other regular files, and one ``UserWarning``
+  line says what was left out and why."""
+  from unet_jax.data import listing, volumes
+  path = pathlib.Path(path)
+  supported = tuple(dict.fromkeys(IMAGE_SUFFIXES + volumes.VOLUME_SUFFIXES))
+  if not path.exists():
+    raise FileNotFoundError(listing.missing(path))
+  if not path.is_dir():
+    if not path.is_file():
+      raise ValueError(f"{path} is neither an image or volume file nor a folder")
+    if not (_is_image(path) or _is_volume(path)):
+      raise ValueError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
+                       f"supported: {', '.join(supported)}")
+    return [path], []
+  found = volumes.list_volumes(path)  # images are among what it leaves out as unsupported
+  images = [n for n in found.skipped.get("unsupported", []) if _is_image(path / n)]
+  skipped = {reason: [n for n in names if n not in images]
+             for reason, names in found.skipped.items()}
+  found = listing.Listing(path, supported, sorted(found.files + [path / n for n in images]),
+                          {reason: names for reason, names in skipped.items() if names})
+  if not found.files:
+    raise ValueError(f"no images or volumes ({', '.join(supported)}) in {path}"
+                     f"{f'; it holds: {found.entries()}' if found.skipped else ' (it is empty)'}")
+  if found.skipped:
+    warnings.warn(found.summary(), UserWarning, stacklevel=2)
+  return found.files, found.unsupported
+
+
+def _is_image(path: pathlib.Path) -> bool:
+  return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _is_volume(path: pathlib.Path) -> bool:
+  from unet_jax.data import volumes
+  return path.name.lower().endswith(volumes.VOLUME_SUFFIXES)
+
+
+def _predict_path(model: nnx.Module, path: pathlib.Path, output: pathlib.Path, name: str,
+                  args: argparse.Namespace, loaded: Loaded) -> None:
+  """Predict one ``--input`` file as an image (a 2-D model) or a volume (a 3-D one)."""
+  from tqdm import tqdm
+
+  from unet_jax.data import volumes
+  options = dict(tile_size=args.tile_size, overlap=args.overlap, tta=args.tta,
+                 save_probabilities=args.save_probabilities, class_names=loaded.class_names)
+  if model.spatial_dims == 2:
+    if not _is_image(path):
+      raise ValueError(f"a volume file, but this U-Net is 2-D and predicts images "
+                       f"({', '.join(IMAGE_SUFFIXES)}); volumes need a 3-D checkpoint "
+                       f"(spatial_dims=3)")
+    predict_file(model, path, output, name=name, mask_values=loaded.mask_values,
+                 batch_size=args.batch_size or 4, **options)
+    return
+  if not _is_volume(path):
+    raise ValueError(f"an image file, but this U-Net is 3-D (spatial_dims=3) and predicts "
+                     f"volumes ({', '.join(volumes.VOLUME_SUFFIXES)}); images need a 2-D "
+                     f"checkpoint")
+  with tqdm(unit="tile", desc=name, leave=False, disable=None) as bar:
+    def progress(done, total):
+      bar.total = total
+      bar.update(done - bar.n)
+    predict_volume_file(model, path, output, name=name, batch_size=args.batch_size or 1,
+                        intensity=args.intensity or loaded.intensity or "auto",
+                        progress=progress, **options)
+
+
 def main(argv: list[str] | None = None) -> int:
   from tqdm import tqdm
+
+  from unet_jax.data import volumes
   parser = argparse.ArgumentParser(
       prog="python -m unet_jax.predict",
-      description="Segment images of any size with a U-Net (overlap-tile). Writes "
-      "<stem>_mask.png (0/255 for two classes or a binary model, class ids otherwise, or a "
-      "converted milesial model's mask values), <stem>_overlay.png and, with "
+      description="Segment images or volumes of any size with a U-Net (overlap-tile). For "
+      "images, writes <stem>_mask.png (0/255 for two classes or a binary model, class ids "
+      "otherwise, or a converted milesial model's mask values), <stem>_overlay.png and, with "
       "--save-probabilities, <stem>_probabilities.npy ([H, W, classes] float32: softmax, or "
       "sigmoid for binary and multi-label models). A multi-label model writes "
       "<stem>_mask_<class>.png per class. Multi-page TIFFs give <stem>_page000_... per page. "
-      "With several processes, each predicts its share of the files.")
+      "A 3-D checkpoint (spatial_dims=3) reads volumes (TIFF stacks, NIfTI, .npy) and writes "
+      "<stem>_mask.<suffix> (class ids) and, with --save-probabilities, "
+      "<stem>_probabilities.<suffix> ([D, H, W, classes]) in the input's format, NIfTI with "
+      "the input's affine. With several processes, each predicts its share of the files.")
   add_prediction_flags(parser)
-  parser.add_argument("--input", required=True, help="an image file or a folder of images")
+  parser.set_defaults(batch_size=None)  # 4 image tiles or 1 volume tile per call
+  parser.add_argument("--input", required=True,
+                      help="an image or volume file, or a folder of them")
   parser.add_argument("--output", required=True, help="folder for the results")
   parser.add_argument("--save-probabilities", action="store_true")
+  parser.add_argument("--intensity", choices=volumes.INTENSITIES, default=None,
+                      help="how volume values become [0, 1] (unet_jax.data.volumes; default: "
+                      "the training run's data.volumes.intensity, else auto)")
   args = parser.parse_args(argv)
   try:
     with warnings_as_lines():
-      images, unsupported = list_images(args.input)
+      files, unsupported = list_inputs(args.input)
   except (OSError, ValueError) as error:
     parser.exit(2, f"error: {error}\n")
   output = prepare_output(parser, args.output)
   model, loaded = load_for_cli(parser, args.checkpoint, cpu_layer=args.cpu_layer,
                                step=args.step, best=args.best,
                                allow_nonfinite=args.allow_nonfinite, max_pixels=args.max_pixels)
-  failures = {str(p): f"unsupported file type; supported: {', '.join(IMAGE_SUFFIXES)}"
+  supported = dict.fromkeys(IMAGE_SUFFIXES + volumes.VOLUME_SUFFIXES)
+  failures = {str(p): f"unsupported file type; supported: {', '.join(supported)}"
               for p in this_process_share(unsupported)}
-  stems = [p.stem for p in images]
-  mine = this_process_share(images)
-  for path in tqdm(mine, unit="image", disable=None):
-    name = path.stem if stems.count(path.stem) == 1 else path.name  # a.png and a.tif
+  stem = volumes.volume_stem if model.spatial_dims == 3 else (lambda p: p.stem)
+  stems = [stem(p) for p in files]
+  mine = this_process_share(files)
+  for path in tqdm(mine, unit="file", disable=None):
+    name = stem(path) if stems.count(stem(path)) == 1 else path.name  # a.png and a.tif
     try:
-      predict_file(model, path, output, name=name, save_probabilities=args.save_probabilities,
-                   class_names=loaded.class_names, mask_values=loaded.mask_values,
-                   tile_size=args.tile_size, batch_size=args.batch_size,
-                   overlap=args.overlap, tta=args.tta)
+      _predict_path(model, path, output, name, args, loaded)
     except Exception as error:  # one bad file must not stop the others
       failures[str(path)] = f"{type(error).__name__}: {error}"
   share = f" (process {jax.process_index()} of {jax.process_count()})" if (
       jax.process_count() > 1) else ""
-  print(f"wrote {len(mine) - sum(1 for p in mine if str(p) in failures)} of {len(mine)} image "
-        f"file(s) to {output}{share}")
+  kind = "volume" if model.spatial_dims == 3 else "image"
+  print(f"wrote {len(mine) - sum(1 for p in mine if str(p) in failures)} of {len(mine)} "
+        f"{kind} file(s) to {output}{share}")
   return report_failures(failures)
 
 
