@@ -215,3 +215,31 @@ def test_cached_sources_draw_each_example_once_within_the_budget():
   assert calls == [0, 1, 2, 2]  # examples 0 and 1 fill the budget; 2 is drawn every time
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a, b)
+
+
+def test_sparse_labels_train_only_on_the_labelled_slices():
+  """With every 4th slice labelled, the loss is the loss of those slices alone, and the
+  logits of unlabelled slices get no gradient (Çiçek et al.'s sparse annotation)."""
+  from unet_jax.data import volumes
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 9, 6, 7, 2)).astype(np.float32)
+  dense = rng.integers(0, 2, size=(2, 9, 6, 7)).astype(np.int32)
+  sparse = np.stack([volumes.sparse_slices(label, axis=0, every=4, offset=1) for label in dense])
+  kept = [1, 5]
+  assert (sparse[:, kept] == dense[:, kept]).all() and (np.delete(sparse, kept, 1) == IGNORE).all()
+  for loss in (losses.weighted_cross_entropy,
+               lambda z, y, **k: losses.dice_ce_loss(z, y, spatial_dims=3, **k)):
+    np.testing.assert_allclose(loss(logits, sparse, ignore_index=IGNORE),
+                               loss(logits[:, kept], dense[:, kept]), rtol=1e-5)
+    grad = jax.grad(lambda z: loss(z, sparse, ignore_index=IGNORE))(logits)
+    assert np.abs(np.delete(np.asarray(grad), kept, 1)).max() == 0
+    assert np.abs(np.asarray(grad)[:, kept]).max() > 0
+
+
+def test_sparse_labels_config_reaches_the_training_source_only():
+  config = volume.get_config("cpu,sparse").data
+  config.synthetic3d.update(num_train=2, num_val=1, size=(16, 16, 16))
+  train, validation = (pipeline.make_source(config, split) for split in ("train", "validation"))
+  labels = train[0]["label"]
+  assert (labels[0::4] != IGNORE).all() and (np.delete(labels, range(0, 16, 4), 0) == IGNORE).all()
+  assert (validation[0]["label"] != IGNORE).all()
