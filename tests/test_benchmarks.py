@@ -134,3 +134,16 @@ def test_export_inference_times_onnxruntime_beside_jax(tmp_path):
   assert set(report["seconds"]) == {"jax", "jax_stablehlo", "onnxruntime"}
   assert report["ratio_to_jax"]["jax"] == 1.0
   assert all(v < 1e-4 for v in report["max_abs_difference_to_jax"].values())
+
+
+def test_memory_script_times_a_3d_step(tmp_path):
+  report = _run("memory", "--spatial-dims", "3", "--size", "20", "--width", "4", "--depth", "1",
+                "--variants", "off-fp32", "--time", "1", tmp_path=tmp_path)
+  assert report["preset"] == "cicek3d" and report["size"] == [20, 20, 20]
+  assert (report["in_channels"], report["num_classes"]) == (3, 3)
+  (entry,) = report["results"]
+  one = entry["batch_1"]
+  # 20 → 16 | 8 → 4, up 8 → 4 per axis.
+  assert one["output_size"] == [4, 4, 4] and len(one["step_all_s"]) == 1
+  assert one["temp"] > 0 and one["peak_bytes"] >= one["temp"]
+  assert one["voxels_per_s"] == pytest.approx(4**3 / one["step_s"])
