@@ -60,9 +60,9 @@ def find_pairs(directory: str | os.PathLike, *, images: str = "images", masks: s
   skipped = [found.summary() for found in (image_listing, mask_listing) if found.skipped]
   if skipped:
     warnings.warn("; ".join(skipped), UserWarning, stacklevel=2)
-  image_files = _by_stem(image_listing)
+  image_files = listing.by_stem(image_listing)
   mask_files = {stem[:-len(mask_suffix)] if mask_suffix and stem.endswith(mask_suffix) else stem:
-                path for stem, path in _by_stem(mask_listing).items()}
+                path for stem, path in listing.by_stem(mask_listing).items()}
   lonely_images = sorted(set(image_files) - set(mask_files))
   lonely_masks = sorted(set(mask_files) - set(image_files))
   if lonely_images or lonely_masks:
@@ -76,25 +76,8 @@ def find_pairs(directory: str | os.PathLike, *, images: str = "images", masks: s
 
 def _listed(folder: pathlib.Path) -> listing.Listing:
   """The images of ``folder`` and the entries left out; errors for a missing or empty one."""
-  if not folder.is_dir():
-    why = listing.missing(folder) if not folder.exists() else f"{folder} is not a folder"
-    raise FileNotFoundError(f"{why} (expected a folder of images)")
-  found = listing.list_folder(folder, SUFFIXES)
-  if not found.files:
-    raise ValueError(f"{folder} holds no images with a suffix in {SUFFIXES}"
-                     f"{f'; it holds: {found.entries()}' if found.skipped else ' (it is empty)'}")
-  return found
-
-
-def _by_stem(found: listing.Listing) -> dict[str, pathlib.Path]:
-  by_stem: dict[str, pathlib.Path] = {}
-  folder = found.folder
-  for f in found.files:
-    if f.stem in by_stem:
-      raise ValueError(f"{folder}: {by_stem[f.stem].name} and {f.name} have the same stem; "
-                       f"keep one of them")
-    by_stem[f.stem] = f
-  return by_stem
+  return listing.require_files(folder, lambda f: listing.list_folder(f, SUFFIXES),
+                               what="images")
 
 
 def find_class_pairs(directory: str | os.PathLike, classes: Sequence[str], *,

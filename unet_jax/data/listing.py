@@ -15,7 +15,7 @@ import errno
 import os
 import pathlib
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 # Reason → (singular, plural), in the order a summary lists them.
 REASONS = {
@@ -117,3 +117,31 @@ def some(names: Iterable[str], limit: int = 5) -> str:
   names = list(names)
   return "none" if not names else ", ".join(names[:limit]) + (
       f" … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def require_files(folder: str | os.PathLike, list_files: Callable[[pathlib.Path], Listing], *,
+                  what: str) -> Listing:
+  """``list_files(folder)``, with an error for a missing folder or one with none of its
+  files (``what``: ``"images"``, ``"volumes"``)."""
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    why = missing(folder) if not folder.exists() else f"{folder} is not a folder"
+    raise FileNotFoundError(f"{why} (expected a folder of {what})")
+  found = list_files(folder)
+  if not found.files:
+    raise ValueError(f"{folder} holds no {what} with a suffix in {found.suffixes}"
+                     f"{f'; it holds: {found.entries()}' if found.skipped else ' (it is empty)'}")
+  return found
+
+
+def by_stem(found: Listing, stem: Callable[[pathlib.Path], str] = lambda path: path.stem
+            ) -> dict[str, pathlib.Path]:
+  """The files of ``found`` by their stem; an error naming both files when two share one."""
+  files: dict[str, pathlib.Path] = {}
+  for path in found.files:
+    name = stem(path)
+    if name in files:
+      raise ValueError(f"{found.folder}: {files[name].name} and {path.name} have the same "
+                       f"stem; keep one of them")
+    files[name] = path
+  return files

@@ -389,11 +389,12 @@ def find_volume_pairs(directory: str | os.PathLike, *, images: str = "images",
   Warns (``UserWarning``, one line) when entries of either folder were left out.
   """
   directory = pathlib.Path(directory)
-  found = [_volumes_of(directory / name) for name in (images, labels)]
+  found = [listing.require_files(directory / name, list_volumes, what="volumes")
+           for name in (images, labels)]
   skipped = [f.summary() for f in found if f.skipped]
   if skipped:
     warnings.warn("; ".join(skipped), UserWarning, stacklevel=2)
-  image_files, label_files = (_by_stem(f) for f in found)
+  image_files, label_files = (listing.by_stem(f, volume_stem) for f in found)
   lonely_images = sorted(set(image_files) - set(label_files))
   lonely_labels = sorted(set(label_files) - set(image_files))
   if lonely_images or lonely_labels:
@@ -403,29 +404,6 @@ def find_volume_pairs(directory: str | os.PathLike, *, images: str = "images",
         f"labels without an image: "
         f"{listing.some((label_files[s].name for s in lonely_labels), 10)}")
   return [(image_files[stem], label_files[stem]) for stem in sorted(image_files)]
-
-
-def _volumes_of(directory: pathlib.Path) -> listing.Listing:
-  if not directory.is_dir():
-    why = (listing.missing(directory) if not directory.exists()
-           else f"{directory} is not a folder")
-    raise FileNotFoundError(f"{why} (expected a folder of volumes)")
-  found = list_volumes(directory)
-  if not found.files:
-    raise ValueError(f"{directory} holds no volumes with a suffix in {VOLUME_SUFFIXES}"
-                     f"{f'; it holds: {found.entries()}' if found.skipped else ' (it is empty)'}")
-  return found
-
-
-def _by_stem(found: listing.Listing) -> dict[str, pathlib.Path]:
-  by_stem: dict[str, pathlib.Path] = {}
-  for f in found.files:
-    stem = volume_stem(f)
-    if stem in by_stem:
-      raise ValueError(f"{found.folder}: {by_stem[stem].name} and {f.name} have the same "
-                       f"stem; keep one of them")
-    by_stem[stem] = f
-  return by_stem
 
 
 class VolumeFolder:
