@@ -130,6 +130,17 @@ def _check_int(name: str, value: object, minimum: int) -> int:
   return int(value)
 
 
+def example_rng(name: str, index, num_examples: int, seed: int) -> np.random.Generator:
+  """The generator that draws example `index` of a synthetic source: the same for the same
+  (seed, index) in any process, in any order. Bad indices raise with the valid range."""
+  if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+    raise TypeError(f"{name} index must be an integer, got {type(index).__name__}")
+  if not 0 <= index < num_examples:
+    raise IndexError(f"{name} index {index} out of range: valid indices are 0 .. "
+                     f"{num_examples - 1} (negative indices are not supported)")
+  return np.random.default_rng((seed, int(index)))
+
+
 class SyntheticEM:
   """A random-access dataset of synthetic EM-like images and membrane labels.
 
@@ -194,14 +205,7 @@ class SyntheticEM:
     return self._num_examples
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    if isinstance(index, bool) or not isinstance(index, numbers.Integral):
-      raise TypeError(f"SyntheticEM index must be an integer, got {type(index).__name__}")
-    if not 0 <= index < self._num_examples:
-      raise IndexError(
-          f"SyntheticEM index {index} out of range: valid indices are 0 .. "
-          f"{self._num_examples - 1} (negative indices are not supported)"
-      )
-    rng = np.random.default_rng((self._seed, int(index)))
+    rng = example_rng("SyntheticEM", index, self._num_examples, self._seed)
     image, label, organelles = _draw_example(rng, *self._size)
     image = np.repeat(image[..., None], self._channels, axis=-1)
     if self._labels == "multilabel":

@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from unet_jax.data.synthetic import _check_int
+from unet_jax.data.synthetic import _check_int, example_rng
 
 # A wall of half-thickness h around a cell of diameter D covers ~6h/D of it in 3-D (4h/D in
 # 2-D): cells must be wider than in 2-D for the same membrane share. With h ~ 1 voxel, 22-voxel
@@ -221,14 +221,7 @@ class SyntheticCells3D:
     return self._num_examples
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    if isinstance(index, bool) or not isinstance(index, numbers.Integral):
-      raise TypeError(f"SyntheticCells3D index must be an integer, got {type(index).__name__}")
-    if not 0 <= index < self._num_examples:
-      raise IndexError(
-          f"SyntheticCells3D index {index} out of range: valid indices are 0 .. "
-          f"{self._num_examples - 1} (negative indices are not supported)"
-      )
-    rng = np.random.default_rng((self._seed, int(index)))
+    rng = example_rng("SyntheticCells3D", index, self._num_examples, self._seed)
     image, label = _draw_example(rng, self._size, self._cell_size)
     return {"image": np.repeat(image[..., None], self._channels, axis=-1), "label": label}
 
