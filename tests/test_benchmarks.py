@@ -68,14 +68,14 @@ def test_peak_table_and_override():
 @pytest.mark.slow
 def test_compare_pytorch_end_to_end(tmp_path):
   pytest.importorskip("torch")
-  report = _run("compare_pytorch", "--presets", "walkthrough,paper", "--widths", "4",
+  report = _run("compare_pytorch", "--presets", "paper", "--widths", "4",
                 "--depth", "2", "--size", "44", "--batch", "2", "--repeats", "2",
                 "--warmup", "1", tmp_path=tmp_path)
   assert report["environment"]["torch_threads"] >= 1
   layer = report["environment"]["cpu_layer"]
   assert layer["ops"] == "cpu" and layer["why"]  # on a CPU the layer is on by default
   assert isinstance(layer["settings"], list)
-  assert [case["preset"] for case in report["results"]] == ["walkthrough", "paper"]
+  assert [case["preset"] for case in report["results"]] == ["paper"]
   for case in report["results"]:
     assert case["features"] == [4, 8, 16] and case["input"] == [44, 44]
     assert case["parity_max_abs_diff"] < 1e-4

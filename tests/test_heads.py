@@ -208,8 +208,10 @@ RELEASES = [  # milesial/Pytorch-UNet's published checkpoints: (name, classes, b
 def test_milesial_release_shapes_convert_predict_and_export_back(tmp_path, name, classes,
                                                                  bilinear, extras):
   """Same-shaped random stand-ins for the released Carvana checkpoints (full width, 3
-  channels in): each converts, predicts a 959×640 photo (scale 0.5 of 1918×1280) as milesial
-  does, and converts back to the very same tensors."""
+  channels in): each converts, predicts a photo as milesial does, and converts back to the
+  very same tensors. v1.0 predicts a 479×320 photo (milesial's scale 0.25 of 1918×1280: odd
+  widths at every level, as at scale 0.5) against milesial's forward pass; the others a
+  239×160 photo, which takes the same code path."""
   torch = pytest.importorskip("torch", reason="building the stand-ins needs PyTorch")
   import torch_models
   torch.manual_seed(0)
@@ -223,9 +225,10 @@ def test_milesial_release_shapes_convert_predict_and_export_back(tmp_path, name,
   assert config["activation"] == ("sigmoid" if classes == 1 else "softmax")
   assert config.get("mask_values") == extras.get("mask_values")
 
-  image = np.random.default_rng(6).random((640, 959, 3)).astype(np.float32)
+  height, width = (320, 479) if name == "v1.0" else (160, 239)
+  image = np.random.default_rng(6).random((height, width, 3)).astype(np.float32)
   probabilities = predict.predict_image(model, image)
-  assert probabilities.shape == (640, 959, classes)
+  assert probabilities.shape == (height, width, classes)
   if name == "v1.0":  # the binary one, against milesial's own forward pass
     with torch.no_grad():
       logits = net(torch.from_numpy(image.transpose(2, 0, 1)[None].copy()))[0, 0].numpy()

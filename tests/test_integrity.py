@@ -37,6 +37,10 @@ def _save_steps(directory, steps, *, async_save=True):
   checkpointer.close()
 
 
+# The two-process resume from the newest intact step is tested in test_multiprocess.py, on the
+# checkpoints of its two-process run.
+
+
 def _data_file(step_dir):
   """The largest of the files that hold array bytes (in ``d/`` folders) under ``state/``."""
   files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
@@ -244,28 +248,3 @@ def test_resume_falls_back_from_a_tampered_step_and_load_model_refuses_it(tmp_pa
                                 for s in steps)
   assert (tmp_path / "checkpoints-damaged" / "4").is_dir()
   load_model(tmp_path)
-
-
-@pytest.mark.slow
-def test_two_processes_resume_from_the_newest_intact_step(tmp_path):
-  """Process 0 verifies, moves the damaged step away and tells process 1 where to resume."""
-  from test_multiprocess import _free_port, _launch
-
-  def train(*extra):
-    port = _free_port()
-    procs = [_launch(tmp_path, devices=2, process_id=i, num_processes=2, port=port, extra=extra)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-      assert p.returncode == 0, err[-3000:]
-    return outputs
-
-  train()  # 4 steps, a checkpoint every 2
-  checkpoints = tmp_path / "checkpoints"
-  assert all((checkpoints / str(step) / DIGESTS).is_file() for step in (2, 4))
-  _flip(_data_file(checkpoints / "4"))
-  outputs = train("--config.num_steps=6")
-  assert "Resuming from step 2" in outputs[0][1]
-  steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-  assert steps[-1] == 6 and (checkpoints / "6" / DIGESTS).is_file()
-  assert not (tmp_path / "train.lock").exists()

@@ -49,17 +49,25 @@ def _final_state(workdir):
   return steps[-1], read_tree(checkpoints / str(steps[-1]) / "state")
 
 
+def _train_two_processes(workdir, *extra):
+  port = _free_port()
+  procs = [_launch(workdir, devices=2, process_id=i, num_processes=2, port=port, extra=extra)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  return outputs
+
+
 def test_two_processes_equal_one_process_with_as_many_devices(tmp_path):
+  """Two processes of 2 devices reach the parameters of one process of 4; then, with the
+  newest checkpoint damaged, process 0 verifies, moves it away and tells process 1 to resume
+  from the step before (one test: each two-process run costs most of a minute)."""
   single = _launch(tmp_path / "single", devices=4)
   out, err = single.communicate(timeout=300)
   assert single.returncode == 0, err[-3000:]
 
-  port = _free_port()
-  procs = [_launch(tmp_path / "multi", devices=2, process_id=i, num_processes=2, port=port)
-           for i in range(2)]
-  outputs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
+  outputs = _train_two_processes(tmp_path / "multi")
   # Only process 0 reports.
   assert "final validation" in outputs[0][0]
   assert "train:" in outputs[0][1] and "train:" not in outputs[1][1]
@@ -72,6 +80,18 @@ def test_two_processes_equal_one_process_with_as_many_devices(tmp_path):
   for x, y in zip(jax.tree.leaves(a["batch_stats"]), jax.tree.leaves(b["batch_stats"]),
                   strict=True):
     np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+
+  from test_integrity import _data_file, _flip
+  from unet_jax.training.checkpoint import DIGESTS
+  checkpoints = tmp_path / "multi" / "checkpoints"
+  assert all((checkpoints / str(step) / DIGESTS).is_file() for step in (2, 4))
+  _flip(_data_file(checkpoints / "4"))
+  outputs = _train_two_processes(tmp_path / "multi", "--config.num_steps=6")
+  assert "Resuming from step 2" in outputs[0][1]
+  steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  assert steps[-1] == 6 and (checkpoints / "6" / DIGESTS).is_file()
+  assert (tmp_path / "multi" / "checkpoints-damaged" / "4").is_dir()
+  assert not (tmp_path / "multi" / "train.lock").exists()
 
 
 def test_a_dead_process_makes_the_others_exit(tmp_path):
