@@ -279,3 +279,19 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
   assert result.returncode != 0
   assert "num_stepz" in result.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_reporter_gets_tensorboardx_without_importing_torch():
+  """Where torch is installed, tensorboardX is imported with torch hidden, and torch stays
+  importable afterwards."""
+  pytest.importorskip("torch", reason="the case only arises where torch is installed")
+  code = ("import sys\n"
+          "from unet_jax.training import report\n"
+          "writer = report._summary_writer_class()\n"
+          "assert writer.__name__ == 'SummaryWriter'\n"
+          "assert 'torch' not in sys.modules, 'torch was imported'\n"
+          "import torch\n"
+          "assert torch.ones(2).sum().item() == 2.0\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
