@@ -210,3 +210,59 @@ def test_command_line_refuses_volumes_for_a_two_d_model(tmp_path, capsys):
                        str(tmp_path / "v.npy"), "--output", str(tmp_path / "out")]) == 1
   assert ("v.npy: ValueError: a volume file, but this U-Net is 2-D and predicts images"
           in capsys.readouterr().err)
+
+
+def test_evaluate_scores_volumes_against_label_volumes(tmp_path, capsys):
+  """The evaluate command line with a 3-D checkpoint: each volume is predicted with
+  overlap-tile and scored against the label volume of its stem (any volume format); the
+  scores equal a confusion matrix of the prediction computed here; sparse (negative) labels
+  are not counted; images and unlabelled volumes fail alone, with a reason."""
+  import json
+
+  import tifffile
+  from PIL import Image
+
+  from unet_jax import metrics
+  from unet_jax.data import volumes
+  from unet_jax.inference import evaluate
+  from unet_jax.interop import convert
+  from unet_jax.model import config_of
+  net = tiny3d()
+  convert.save_flax(net, config_of(net), tmp_path / "model")
+  rng = np.random.default_rng(8)
+  inputs, labels = tmp_path / "images", tmp_path / "labels"
+  inputs.mkdir(), labels.mkdir()
+  a = rng.integers(0, 256, (10, 12, 14), dtype=np.uint8)
+  b = rng.integers(0, 256, (6, 9, 11), dtype=np.uint8)
+  np.save(inputs / "a.npy", a)
+  tifffile.imwrite(inputs / "b.tif", b)
+  np.save(inputs / "unlabelled.npy", a)
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(inputs / "d.png")
+  label_a = (rng.random(a.shape) > 0.5).astype(np.int16)
+  label_a[::2] = -1  # sparse: every other slice unlabelled
+  label_b = np.where(rng.random(b.shape) > 0.5, 255, 0).astype(np.uint8)  # {0, 255}
+  tifffile.imwrite(labels / "a.tif", label_a)
+  np.save(labels / "b.npy", label_b)
+  output = tmp_path / "scores.json"
+  status = evaluate.main(["--checkpoint", str(tmp_path / "model"), "--images", str(inputs),
+                          "--masks", str(labels), "--output", str(output)])
+  captured = capsys.readouterr()
+  assert status == 1, captured
+  results = json.loads(output.read_text())
+  assert set(results["images"]) == {"a", "b"}
+  assert "no label volume for unlabelled.npy" in results["failed"][str(inputs / "unlabelled.npy")]
+  assert "volume file is needed" in results["failed"][str(inputs / "d.png")]
+  total = np.zeros((2, 2), np.int64)
+  for name, voxels, label in [("a", a, label_a), ("b", b, label_b // 255)]:
+    decisions = predict.predict_volume(
+        net, volumes.to_unit_volume(voxels, 1, name=name)).argmax(-1)
+    confusion = metrics.mask_confusion_matrix(decisions, label, num_classes=2)
+    total += confusion
+    assert confusion.sum() == (label >= 0).sum()
+    expected = metrics.summarize(confusion, class_names=("0", "1"))
+    assert results["images"][name]["pixel_error"] == pytest.approx(expected["pixel_error"])
+    assert results["images"][name]["iou_1"] == pytest.approx(expected["iou_1"])
+  assert results["total"]["pixel_error"] == pytest.approx(
+      metrics.summarize(total, class_names=("0", "1"))["pixel_error"])
+  assert "rand_error" in results["images"]["a"]
+  assert "total" in captured.out

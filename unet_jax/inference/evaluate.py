@@ -1,5 +1,8 @@
 """Score a U-Net on a folder of images and label masks: pixel error, IoU, Dice, Rand error.
 
+A 3-D model (``spatial_dims=3``) scores volumes instead (TIFF stacks, NIfTI, ``.npy``; see
+``evaluate_volume_file``): ``--masks`` is then a folder of label volumes with the same stems.
+
 Each image is predicted whole with overlap-tile (``unet_jax.predict``) and compared with the
 mask of the same file stem (``a.png`` ↔ ``a.png``/``a.tif``/...; the pages of a multi-page
 TIFF pair with the pages of its mask). Totals come from the summed confusion matrix, so they
@@ -163,6 +166,74 @@ def evaluate_file(model, image_path: pathlib.Path, mask_path: pathlib.Path | lis
   return results
 
 
+def find_label_volume(volume: pathlib.Path, labels: pathlib.Path) -> pathlib.Path:
+  """The file in ``labels`` with the volume stem of ``volume`` (``a.nii.gz`` ↔ ``a.tif``)."""
+  from unet_jax.data import volumes
+  stem = volumes.volume_stem(volume)
+  found = [p for p in sorted(labels.iterdir()) if p.is_file()
+           and p.name.lower().endswith(volumes.VOLUME_SUFFIXES) and volumes.volume_stem(p) == stem]
+  if not found:
+    raise FileNotFoundError(f"no label volume for {volume.name} in {labels} (expected {stem} "
+                            f"with one of {', '.join(volumes.VOLUME_SUFFIXES)})")
+  return found[0]
+
+
+def evaluate_volume_file(model, volume_path: pathlib.Path, label_path: pathlib.Path, *,
+                         mask_map: dict[int, int] | None = None, foreground: int = 1,
+                         class_names: tuple[str, ...] | None = None, intensity: str = "auto",
+                         **options) -> dict[str, tuple[dict[str, float], np.ndarray]]:
+  """``{stem: (metrics, confusion matrix)}`` for one volume of a 3-D model.
+
+  The volume is read and scaled as training does (``volumes.to_unit_volume``, ``intensity``)
+  and predicted whole with overlap-tile (``predict_volume``; ``options``); the label volume's
+  values are classes, or go through ``mask_map`` (value → class). Voxels labelled with a
+  negative value (sparse annotation) are not scored. The Rand error compares the 6-connected
+  regions of ``foreground``.
+  """
+  from unet_jax.data import volumes
+  if heads.is_multilabel(model.activation, model.num_classes):
+    raise ValueError("scoring volumes of a multi-label model is not supported; score each "
+                     "class's mask written by `python -m unet_jax.predict` instead")
+  classes = heads.metric_classes(model.activation, model.num_classes)
+  names = class_names_for(model, class_names)
+  volume = volumes.to_unit_volume(volumes.read_volume(volume_path), model.in_channels,
+                                  name=str(volume_path), intensity=intensity)
+  raw = np.asarray(volumes.read_volume(label_path))
+  unlabelled = np.unique(raw[raw < 0]).tolist() if np.issubdtype(raw.dtype, np.signedinteger) \
+      or np.issubdtype(raw.dtype, np.floating) else []
+  label = volumes.to_label_volume(raw, None, unlabelled, name=str(label_path))
+  del raw
+  values, inverse = np.unique(label, return_inverse=True)
+  if mask_map is None and classes == 2 and set(values.tolist()) - {0, 255} <= {
+      v for v in values.tolist() if v < 0}:
+    mask_map = {0: 0, 255: 1}
+  if mask_map is None:
+    if values.max(initial=0) >= classes:
+      raise ValueError(f"{label_path}: label values {_some(values[values >= classes])} are "
+                       f"neither {{0, 255}} nor class ids below {classes}; pass --mask-map, "
+                       f"e.g. '0:0,128:1,255:2'")
+  else:
+    unknown = [v for v in values.tolist() if v >= 0 and v not in mask_map]
+    if unknown:
+      raise ValueError(f"{label_path}: label values {_some(unknown)} are not in the mask map "
+                       f"{mask_map}")
+    bad = {v: c for v, c in mask_map.items() if not 0 <= c < classes}
+    if bad:
+      raise ValueError(f"mask map {bad}: classes must be in 0..{classes - 1}")
+    mapped = np.array([mask_map.get(v, v) for v in values.tolist()], np.int32)
+    label = mapped[inverse.reshape(-1)].reshape(label.shape)
+  if label.shape != volume.shape[:3]:
+    raise ValueError(f"{label_path} is {'×'.join(map(str, label.shape))} but {volume_path} is "
+                     f"{'×'.join(map(str, volume.shape[:3]))} (D×H×W)")
+  decisions = heads.decide(predict.predict_volume(model, volume, **options), model.activation)
+  confusion = metrics.mask_confusion_matrix(decisions, label, num_classes=classes)
+  scores = metrics.summarize(confusion, class_names=names)
+  scored = label >= 0
+  scores["rand_error"] = metrics.rand_error(np.where(scored, decisions, 0),
+                                            np.where(scored, label, 0), foreground=foreground)
+  return {volumes.volume_stem(volume_path): (scores, confusion)}
+
+
 def columns_for(names: tuple[str, ...], multilabel: bool) -> list[str]:
   """The table's columns: pixel error, IoU per class, Dice per foreground class, foreground
   Dice, mean Dice (all classes), and the Rand error (not for multi-label models)."""
@@ -191,6 +262,7 @@ def _printable(text: str, stream=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+  from unet_jax.data import volumes
   parser = argparse.ArgumentParser(
       prog="python -m unet_jax.evaluate",
       description="Predict each image with overlap-tile and score it against its mask.")
@@ -202,12 +274,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--foreground", type=int, default=1,
                       help="the class whose connected regions the Rand error compares")
   parser.add_argument("--output", default=None, help="write the results to this JSON file")
+  parser.set_defaults(batch_size=None)  # 4 image tiles or 1 volume tile per call
+  parser.add_argument("--intensity", default=None, choices=volumes.INTENSITIES, help="3-D models: how volume values become "
+                      "[0, 1] (unet_jax.data.volumes; default: "
+                      "the training run's data.volumes.intensity, else auto)")
   args = parser.parse_args(argv)
   masks = pathlib.Path(args.masks)
   try:
     mask_map = parse_mask_map(args.mask_map) if args.mask_map else None
     with predict.warnings_as_lines():
-      image_paths, unsupported = images.list_images(args.images)
+      image_paths, unsupported = predict.list_inputs(args.images)
     if not masks.is_dir():
       raise FileNotFoundError(f"the masks folder {masks} does not exist")
     if args.output:
@@ -220,19 +296,33 @@ def main(argv: list[str] | None = None) -> int:
                                        max_pixels=args.max_pixels)
   multilabel = heads.is_multilabel(model.activation, model.num_classes)
   names = class_names_for(model, loaded.class_names)
+  volumetric = model.spatial_dims == 3
   try:
-    per_class = class_folders(masks, list(names)) if multilabel else None
+    per_class = class_folders(masks, list(names)) if multilabel and not volumetric else None
   except OSError as error:
     parser.exit(2, f"error: {error}\n")
   failures = {str(p): "unsupported file type" for p in unsupported}
+  fits = predict._is_volume if volumetric else predict._is_image  # .tif fits both
+  wrong_kind = [p for p in image_paths if not fits(p)]
+  for path in wrong_kind:
+    failures[str(path)] = (f"a {'volume' if volumetric else 'image'} file is needed: this U-Net "
+                           f"is {model.spatial_dims}-D")
+  image_paths = [p for p in image_paths if p not in wrong_kind]
+  options = dict(tile_size=args.tile_size, batch_size=args.batch_size or (1 if volumetric else 4),
+                 overlap=args.overlap, tta=args.tta)
   rows, total = {}, None
   for path in image_paths:
     try:
-      mask = ([find_mask(path, folder) for folder in per_class] if multilabel
-              else find_mask(path, masks))
-      results = evaluate_file(model, path, mask, mask_map=mask_map, class_names=names,
-                              foreground=args.foreground, tile_size=args.tile_size,
-                              batch_size=args.batch_size, overlap=args.overlap, tta=args.tta)
+      if volumetric:
+        results = evaluate_volume_file(
+            model, path, find_label_volume(path, masks), mask_map=mask_map,
+            class_names=names, foreground=args.foreground,
+            intensity=args.intensity or loaded.intensity or "auto", **options)
+      else:
+        mask = ([find_mask(path, folder) for folder in per_class] if multilabel
+                else find_mask(path, masks))
+        results = evaluate_file(model, path, mask, mask_map=mask_map, class_names=names,
+                                foreground=args.foreground, **options)
     except Exception as error:  # one bad file must not stop the others
       failures[str(path)] = f"{type(error).__name__}: {error}"
       continue
