@@ -170,8 +170,9 @@ def find_label_volume(volume: pathlib.Path, labels: pathlib.Path) -> pathlib.Pat
   """The file in ``labels`` with the volume stem of ``volume`` (``a.nii.gz`` ↔ ``a.tif``)."""
   from unet_jax.data import volumes
   stem = volumes.volume_stem(volume)
-  found = [p for p in sorted(labels.iterdir()) if p.is_file()
-           and p.name.lower().endswith(volumes.VOLUME_SUFFIXES) and volumes.volume_stem(p) == stem]
+  found = [p for p in sorted(labels.iterdir())
+           if p.is_file() and p.name.lower().endswith(volumes.VOLUME_SUFFIXES)
+           and volumes.volume_stem(p) == stem]
   if not found:
     raise FileNotFoundError(f"no label volume for {volume.name} in {labels} (expected {stem} "
                             f"with one of {', '.join(volumes.VOLUME_SUFFIXES)})")
@@ -265,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
   from unet_jax.data import volumes
   parser = argparse.ArgumentParser(
       prog="python -m unet_jax.evaluate",
-      description="Predict each image with overlap-tile and score it against its mask.")
+      description="Predict each image (or volume, for a 3-D checkpoint) with overlap-tile "
+                  "and score it against its mask (label volume).")
   predict.add_prediction_flags(parser)
   parser.add_argument("--images", required=True, help="folder (or file) of images")
   parser.add_argument("--masks", required=True, help="folder of masks with the same stems")
@@ -275,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="the class whose connected regions the Rand error compares")
   parser.add_argument("--output", default=None, help="write the results to this JSON file")
   parser.set_defaults(batch_size=None)  # 4 image tiles or 1 volume tile per call
-  parser.add_argument("--intensity", default=None, choices=volumes.INTENSITIES, help="3-D models: how volume values become "
-                      "[0, 1] (unet_jax.data.volumes; default: "
-                      "the training run's data.volumes.intensity, else auto)")
+  parser.add_argument("--intensity", default=None, choices=volumes.INTENSITIES,
+                      help="3-D models: how volume values become [0, 1] (unet_jax.data.volumes;"
+                      " default: the training run's data.volumes.intensity, else auto)")
   args = parser.parse_args(argv)
   masks = pathlib.Path(args.masks)
   try:
@@ -308,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     failures[str(path)] = (f"a {'volume' if volumetric else 'image'} file is needed: this U-Net "
                            f"is {model.spatial_dims}-D")
   image_paths = [p for p in image_paths if p not in wrong_kind]
-  options = dict(tile_size=args.tile_size, batch_size=args.batch_size or (1 if volumetric else 4),
-                 overlap=args.overlap, tta=args.tta)
+  options = dict(tile_size=args.tile_size, overlap=args.overlap, tta=args.tta,
+                 batch_size=args.batch_size or (1 if volumetric else 4))
   rows, total = {}, None
   for path in image_paths:
     try:
