@@ -166,13 +166,13 @@ def evaluate_file(model, image_path: pathlib.Path, mask_path: pathlib.Path | lis
   return results
 
 
-def find_label_volume(volume: pathlib.Path, labels: pathlib.Path) -> pathlib.Path:
-  """The file in ``labels`` with the volume stem of ``volume`` (``a.nii.gz`` ↔ ``a.tif``)."""
+def find_label_volume(volume: pathlib.Path, labels: pathlib.Path,
+                      label_files: list[pathlib.Path]) -> pathlib.Path:
+  """The first of ``label_files`` (the volumes of the folder ``labels``, listed once by the
+  caller) with the volume stem of ``volume`` (``a.nii.gz`` ↔ ``a.tif``)."""
   from unet_jax.data import volumes
   stem = volumes.volume_stem(volume)
-  found = [p for p in sorted(labels.iterdir())
-           if p.is_file() and p.name.lower().endswith(volumes.VOLUME_SUFFIXES)
-           and volumes.volume_stem(p) == stem]
+  found = [p for p in label_files if volumes.volume_stem(p) == stem]
   if not found:
     raise FileNotFoundError(f"no label volume for {volume.name} in {labels} (expected {stem} "
                             f"with one of {', '.join(volumes.VOLUME_SUFFIXES)})")
@@ -200,36 +200,18 @@ def evaluate_volume_file(model, volume_path: pathlib.Path, label_path: pathlib.P
   volume = volumes.to_unit_volume(volumes.read_volume(volume_path), model.in_channels,
                                   name=str(volume_path), intensity=intensity)
   raw = np.asarray(volumes.read_volume(label_path))
-  unlabelled = np.unique(raw[raw < 0]).tolist() if np.issubdtype(raw.dtype, np.signedinteger) \
-      or np.issubdtype(raw.dtype, np.floating) else []
-  label = volumes.to_label_volume(raw, None, unlabelled, name=str(label_path))
+  label = volumes.to_label_volume(raw, None, np.unique(raw[raw < 0]).tolist(),
+                                  name=str(label_path))
   del raw
-  values, inverse = np.unique(label, return_inverse=True)
-  if mask_map is None and classes == 2 and set(values.tolist()) - {0, 255} <= {
-      v for v in values.tolist() if v < 0}:
-    mask_map = {0: 0, 255: 1}
-  if mask_map is None:
-    if values.max(initial=0) >= classes:
-      raise ValueError(f"{label_path}: label values {_some(values[values >= classes])} are "
-                       f"neither {{0, 255}} nor class ids below {classes}; pass --mask-map, "
-                       f"e.g. '0:0,128:1,255:2'")
-  else:
-    unknown = [v for v in values.tolist() if v >= 0 and v not in mask_map]
-    if unknown:
-      raise ValueError(f"{label_path}: label values {_some(unknown)} are not in the mask map "
-                       f"{mask_map}")
-    bad = {v: c for v, c in mask_map.items() if not 0 <= c < classes}
-    if bad:
-      raise ValueError(f"mask map {bad}: classes must be in 0..{classes - 1}")
-    mapped = np.array([mask_map.get(v, v) for v in values.tolist()], np.int32)
-    label = mapped[inverse.reshape(-1)].reshape(label.shape)
+  scored = label >= 0  # negative: unlabelled (sparse annotation)
+  if scored.any():
+    label[scored] = mask_to_classes(label[scored], classes, mask_map, name=str(label_path))
   if label.shape != volume.shape[:3]:
     raise ValueError(f"{label_path} is {'×'.join(map(str, label.shape))} but {volume_path} is "
                      f"{'×'.join(map(str, volume.shape[:3]))} (D×H×W)")
   decisions = heads.decide(predict.predict_volume(model, volume, **options), model.activation)
   confusion = metrics.mask_confusion_matrix(decisions, label, num_classes=classes)
   scores = metrics.summarize(confusion, class_names=names)
-  scored = label >= 0
   scores["rand_error"] = metrics.rand_error(np.where(scored, decisions, 0),
                                             np.where(scored, label, 0), foreground=foreground)
   return {volumes.volume_stem(volume_path): (scores, confusion)}
@@ -312,12 +294,13 @@ def main(argv: list[str] | None = None) -> int:
   image_paths = [p for p in image_paths if p not in wrong_kind]
   options = dict(tile_size=args.tile_size, overlap=args.overlap, tta=args.tta,
                  batch_size=args.batch_size or (1 if volumetric else 4))
+  label_files = sorted(volumes.list_volumes(masks).files) if volumetric else []
   rows, total = {}, None
   for path in image_paths:
     try:
       if volumetric:
         results = evaluate_volume_file(
-            model, path, find_label_volume(path, masks), mask_map=mask_map,
+            model, path, find_label_volume(path, masks, label_files), mask_map=mask_map,
             class_names=names, foreground=args.foreground,
             intensity=args.intensity or loaded.intensity or "auto", **options)
       else:
